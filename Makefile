@@ -1,0 +1,52 @@
+# ichseg: `make demo` runs the pipeline on a generated phantom, `make test` runs the fast tests.
+# Both create the virtual environment (.venv) and install ichseg into it first when needed.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.ichseg-installed
+# The torch requirement installed before ichseg when the environment has no torch yet. The default
+# takes what pip's configured sources offer (on a GPU machine: the CUDA build). To choose, e.g.
+#   make install TORCH_SPEC="torch==2.5.1" PIP_EXTRA="--index-url https://download.pytorch.org/whl/cpu"
+TORCH_SPEC ?= torch
+PIP_EXTRA ?=
+DEMO_DIR ?= outputs/demo
+PYTEST_ARGS ?=
+
+.PHONY: help install test test-all demo bench lint clean
+
+help:
+	@echo "make demo      generate a phantom CT-ICH dataset and run the pipeline on it"
+	@echo "make test      run the fast tests (installs into $(VENV) first when needed)"
+	@echo "make test-all  run every test, the slow ones included"
+	@echo "make bench     run the benchmarks under bench/"
+	@echo "make install   create $(VENV) and install ichseg with its test tools"
+	@echo "make clean     remove build files, caches and outputs/"
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(PIP_EXTRA) "$(TORCH_SPEC)"
+	$(PY) -m pip install -q $(PIP_EXTRA) -e ".[dev]"
+	@touch $@
+
+test: install
+	$(PY) -m pytest -m "not slow" -q $(PYTEST_ARGS)
+
+test-all: install
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+demo: install
+	$(PY) -m ichseg.data.phantom $(DEMO_DIR)/phantom --release nifti --patients 12 --slices 16 --size 256 --seed 0 --overwrite --no-progress
+	$(PY) -m ichseg.data.check $(DEMO_DIR)/phantom --no-progress
+
+bench: install
+	$(PY) bench/load.py
+
+lint: install
+	$(PY) -m ruff check ichseg tests bench
+
+clean:
+	rm -rf build dist *.egg-info .pytest_cache .ruff_cache outputs
+	find . -name __pycache__ -type d -prune -not -path "./$(VENV)/*" -exec rm -rf {} +

@@ -1,0 +1,1 @@
+"""Hydra configuration tree of ichseg (installed as the package ``ichseg.conf``)."""
