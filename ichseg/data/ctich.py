@@ -1,0 +1,698 @@
+"""Read the PhysioNet CT-ICH dataset, either release, into per-patient :class:`Scan` records.
+
+Two layouts exist (REFERENCE.md section 1):
+
+* NIfTI release 1.3.x: ``ct_scans/NNN.nii[.gz]`` (int16 HU, slices on axis 2), ``masks/NNN.nii[.gz]``,
+  ``hemorrhage_diagnosis_raw_ct.csv``, ``Patient_demographics.csv``.
+* JPG release 1.0-1.2: ``Patients_CT/NNN/brain/K.jpg`` (brain window), ``brain/K_HGE_Seg.jpg``
+  (mask, only for slices with ICH), ``bone/K.jpg`` (bone window), ``hemorrhage_diagnosis.csv``,
+  ``patient_demographics.csv``.
+
+:func:`open_dataset` recognises the release and indexes files and CSVs without decoding any image;
+:meth:`CTICHDataset.load` decodes one patient at a time, so iterating the whole release holds one
+scan (and at most one float copy of it) in memory. Problems are reported as
+:class:`~ichseg.errors.DatasetError` with one sentence naming the file; the same sentences feed the
+dataset check (``python -m ichseg.data.check``).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from ichseg.data.windowing import apply_window
+from ichseg.errors import ConfigError, DatasetError, DatasetProblems
+
+Release = Literal["nifti", "jpg"]
+
+#: Subtype abbreviations, in the column order of the label CSVs.
+SUBTYPES: tuple[str, ...] = ("IVH", "IPH", "SAH", "EDH", "SDH")
+#: Subtype column names of the label CSVs, same order as :data:`SUBTYPES`.
+SUBTYPE_COLUMNS: tuple[str, ...] = (
+    "Intraventricular",
+    "Intraparenchymal",
+    "Subarachnoid",
+    "Epidural",
+    "Subdural",
+)
+LABEL_COLUMNS: tuple[str, ...] = (
+    "PatientNumber",
+    "SliceNumber",
+    *SUBTYPE_COLUMNS,
+    "No_Hemorrhage",
+    "Fracture_Yes_No",
+)
+LABEL_FILES: dict[str, str] = {
+    "nifti": "hemorrhage_diagnosis_raw_ct.csv",
+    "jpg": "hemorrhage_diagnosis.csv",
+}
+DEMOGRAPHICS_FILE = "patient_demographics.csv"  # matched case-insensitively
+#: Grey levels above this are mask in the (lossy) JPG masks.
+JPG_MASK_THRESHOLD = 127
+
+_NIFTI_NAME = re.compile(r"^(\d+)\.nii(?:\.gz)?$")
+_JPG_IMAGE_NAME = re.compile(r"^(\d+)\.jpg$", re.IGNORECASE)
+_JPG_MASK_NAME = re.compile(r"^(\d+)_HGE_Seg\.jpg$", re.IGNORECASE)
+_PATIENT_DIR = re.compile(r"^\d+$")
+
+
+# --------------------------------------------------------------------------- records
+
+
+@dataclass(frozen=True)
+class SliceLabels:
+    """Per-slice labels of one scan from the label CSV (index k is slice number k + 1)."""
+
+    subtypes: np.ndarray  # (N, 5) bool, order of SUBTYPES
+    no_hemorrhage: np.ndarray  # (N,) bool
+    fracture: np.ndarray  # (N,) bool
+
+    @property
+    def n_slices(self) -> int:
+        return int(self.subtypes.shape[0])
+
+    @property
+    def has_ich(self) -> np.ndarray:
+        """(N,) bool: the slice has any subtype."""
+        return self.subtypes.any(axis=1)
+
+    def patient_subtypes(self) -> np.ndarray:
+        """(5,) bool: subtypes present on any slice."""
+        return self.subtypes.any(axis=0)
+
+
+@dataclass(frozen=True)
+class Demographics:
+    """Patient-level facts from the demographics CSV (fields absent from the file are None)."""
+
+    age: float | None
+    gender: str | None
+    note: str | None = None
+
+
+@dataclass
+class Scan:
+    """One patient's scan, decoded.
+
+    ``image`` is int16 Hounsfield units (NIfTI release) or the uint8 brain window (JPG release),
+    shape (H, W, N) with slices on axis 2 as in the NIfTI files. ``bone`` is the JPG release's uint8
+    bone window (missing bone JPGs are zero-filled and listed in ``missing_bone_slices``, 1-based);
+    None for the NIfTI release, whose windows are computed from HU. ``mask`` is bool (H, W, N).
+    ``spacing`` (mm, per array axis) and ``affine`` come from the NIfTI header; the JPG release has
+    neither (None).
+    """
+
+    patient_id: int
+    release: Release
+    image: np.ndarray
+    mask: np.ndarray
+    labels: SliceLabels
+    demographics: Demographics | None
+    spacing: tuple[float, float, float] | None
+    affine: np.ndarray | None
+    paths: dict[str, Path]
+    bone: np.ndarray | None = None
+    missing_bone_slices: tuple[int, ...] = ()
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.image.shape)  # type: ignore[return-value]
+
+    @property
+    def n_slices(self) -> int:
+        return int(self.image.shape[2])
+
+    @property
+    def voxel_volume_ml(self) -> float | None:
+        """Volume of one voxel in mL from the header spacing (None without spacing)."""
+        if self.spacing is None:
+            return None
+        return float(np.prod(self.spacing)) / 1000.0
+
+    def available_windows(self) -> tuple[str, ...]:
+        """CT windows this scan can provide as channels."""
+        if self.release == "nifti":
+            from ichseg.data.windowing import WINDOWS
+
+            return tuple(WINDOWS)
+        return ("brain", "bone")
+
+    def windowed(self, names: Sequence[str] = ("brain",), dtype: np.dtype | type | str = np.uint8) -> np.ndarray:
+        """The scan as windowed slices, channels stacked: ``(N, C, H, W)`` contiguous.
+
+        ``dtype`` uint8 (0-255) or float (0-1). The JPG release offers only ``brain`` and ``bone``.
+        """
+        dtype = np.dtype(dtype)
+        height, width, n_slices = self.image.shape
+        out = np.empty((n_slices, len(names), height, width), dtype=dtype)
+        for channel, name in enumerate(names):
+            out[:, channel] = np.moveaxis(self._window_volume(name, dtype), 2, 0)
+        return out
+
+    def mask_slices(self) -> np.ndarray:
+        """The mask as ``(N, H, W)`` bool, contiguous."""
+        return np.ascontiguousarray(np.moveaxis(self.mask, 2, 0))
+
+    def _window_volume(self, name: str, dtype: np.dtype) -> np.ndarray:
+        if self.release == "nifti":
+            return apply_window(self.image, name, dtype)
+        stored = {"brain": self.image, "bone": self.bone}
+        if name not in stored or stored[name] is None:
+            raise ConfigError(
+                f"the JPG release of patient {self.patient_id:03d} has only brain and bone windows, not {name!r}"
+            )
+        volume = stored[name]
+        if dtype == np.uint8:
+            return volume
+        return volume.astype(dtype) / np.asarray(255.0, dtype=dtype)
+
+
+# --------------------------------------------------------------------------- CSV readers
+
+
+def read_slice_labels(path: str | Path) -> dict[int, SliceLabels]:
+    """Read a label CSV (``hemorrhage_diagnosis*.csv``) into per-patient :class:`SliceLabels`.
+
+    Handles a UTF-8 byte-order mark and CRLF line endings. Slice numbers of each patient must run
+    1..N without gaps or repeats.
+    """
+    path = Path(path)
+    rows = _read_csv_rows(path)
+    if not rows:
+        raise DatasetError(f"{path}: the file is empty", path)
+    header = [cell.strip() for cell in rows[0]]
+    missing = [name for name in LABEL_COLUMNS if name not in header]
+    if missing:
+        raise DatasetError(f"{path}: missing column(s) {', '.join(missing)}", path)
+    column = [header.index(name) for name in LABEL_COLUMNS]
+    values: list[list[int]] = []
+    for line_number, row in enumerate(rows[1:], start=2):
+        if not any(cell.strip() for cell in row):
+            continue
+        try:
+            values.append([int(float(row[i])) for i in column])
+        except (ValueError, IndexError):
+            raise DatasetError(f"{path}: line {line_number} has a missing or non-numeric value", path) from None
+    table = np.asarray(values, dtype=np.int64).reshape(-1, len(LABEL_COLUMNS))
+    flags = table[:, 2:] != 0
+    result: dict[int, SliceLabels] = {}
+    for patient in np.unique(table[:, 0]):
+        rows_of_patient = np.flatnonzero(table[:, 0] == patient)
+        slice_numbers = table[rows_of_patient, 1]
+        order = np.argsort(slice_numbers, kind="stable")
+        slice_numbers = slice_numbers[order]
+        expected = np.arange(1, len(slice_numbers) + 1)
+        if not np.array_equal(slice_numbers, expected):
+            raise DatasetError(
+                f"{path}: the slice numbers of patient {int(patient)} are not 1..{len(slice_numbers)} "
+                "without gaps or repeats",
+                path,
+            )
+        patient_flags = flags[rows_of_patient[order]]
+        result[int(patient)] = SliceLabels(
+            subtypes=patient_flags[:, :5].copy(),
+            no_hemorrhage=patient_flags[:, 5].copy(),
+            fracture=patient_flags[:, 6].copy(),
+        )
+    return result
+
+
+def read_demographics(path: str | Path) -> dict[int, Demographics]:
+    """Read a demographics CSV of either release, matching columns by meaning.
+
+    Accepts the 1.0.0 header (``"Age\\n(years)"`` with a newline inside the quotes) and the 1.3.x
+    header (a merged subtype cell and a sub-header row). Rows without a patient number (sub-headers,
+    blank lines) are skipped.
+    """
+    path = Path(path)
+    rows = _read_csv_rows(path)
+    if not rows:
+        raise DatasetError(f"{path}: the file is empty", path)
+    header = [" ".join(cell.lower().split()) for cell in rows[0]]
+
+    def find(*keywords: str) -> int | None:
+        for index, name in enumerate(header):
+            if any(keyword in name for keyword in keywords):
+                return index
+        return None
+
+    patient_col = find("patient")
+    age_col = find("age")
+    gender_col = find("gender", "sex")
+    note_col = find("note")
+    if patient_col is None:
+        raise DatasetError(f"{path}: no patient-number column in the header", path)
+    if age_col is None:
+        raise DatasetError(f"{path}: no age column in the header", path)
+    result: dict[int, Demographics] = {}
+    for line_number, row in enumerate(rows[1:], start=2):
+        cell = row[patient_col].strip() if patient_col < len(row) else ""
+        if not cell:
+            continue
+        try:
+            patient = int(float(cell))
+        except ValueError:
+            raise DatasetError(f"{path}: line {line_number} has patient number {cell!r}, not an integer", path) from None
+        result[patient] = Demographics(
+            age=_parse_float(row, age_col),
+            gender=_parse_text(row, gender_col),
+            note=_parse_text(row, note_col),
+        )
+    return result
+
+
+def _read_csv_rows(path: Path) -> list[list[str]]:
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: file not found", path) from None
+    except UnicodeDecodeError:
+        raise DatasetError(f"{path}: not a UTF-8 text file", path) from None
+    except OSError as err:
+        raise DatasetError(f"{path}: cannot be read ({err.strerror})", path) from None
+    return list(csv.reader(io.StringIO(text, newline="")))
+
+
+def _parse_float(row: list[str], column: int | None) -> float | None:
+    if column is None or column >= len(row):
+        return None
+    try:
+        value = float(row[column])
+    except ValueError:
+        return None
+    return None if math.isnan(value) else value
+
+
+def _parse_text(row: list[str], column: int | None) -> str | None:
+    if column is None or column >= len(row):
+        return None
+    return row[column].strip() or None
+
+
+# --------------------------------------------------------------------------- the index
+
+
+@dataclass
+class _PatientFiles:
+    """Where one patient's files are (no image decoded)."""
+
+    patient_id: int
+    image: Path  # NIfTI scan file, or the JPG patient folder
+    mask: Path | None = None  # NIfTI mask file
+    jpg_slices: dict[int, Path] = field(default_factory=dict)  # slice number -> brain JPG
+    jpg_masks: dict[int, Path] = field(default_factory=dict)
+    jpg_bone: dict[int, Path] = field(default_factory=dict)
+
+
+def find_release(root: str | Path) -> tuple[Path, Release]:
+    """Locate a CT-ICH release under ``root`` and say which one it is.
+
+    ``root`` may be the release folder itself or a folder holding exactly one release folder (as
+    unpacked from the PhysioNet archive).
+    """
+    root = Path(root)
+    if not root.exists():
+        raise DatasetError(f"{root}: dataset root does not exist", root)
+    if not root.is_dir():
+        raise DatasetError(f"{root}: dataset root is not a folder", root)
+    release = _release_of(root)
+    if release is not None:
+        return root, release
+    children = [child for child in sorted(root.iterdir()) if child.is_dir() and _release_of(child)]
+    if len(children) == 1:
+        return children[0], _release_of(children[0])  # type: ignore[return-value]
+    if not any(root.iterdir()):
+        raise DatasetError(f"{root}: dataset root is empty", root)
+    raise DatasetError(
+        f"{root}: not a CT-ICH release (expected ct_scans/ and masks/ for the NIfTI release 1.3.x, "
+        "or Patients_CT/ for the JPG release 1.0-1.2)",
+        root,
+    )
+
+
+def _release_of(folder: Path) -> Release | None:
+    if (folder / "ct_scans").is_dir() or (folder / "masks").is_dir():
+        return "nifti"
+    if (folder / "Patients_CT").is_dir():
+        return "jpg"
+    return None
+
+
+def _find_file(folder: Path, name: str) -> Path | None:
+    """``folder/name``, matching the name case-insensitively (``Patient_demographics.csv``)."""
+    exact = folder / name
+    if exact.is_file():
+        return exact
+    for candidate in sorted(folder.iterdir()):
+        if candidate.name.lower() == name.lower() and candidate.is_file():
+            return candidate
+    return None
+
+
+def _index_nifti(root: Path, problems: list[DatasetError]) -> dict[int, _PatientFiles]:
+    scans_dir, masks_dir = root / "ct_scans", root / "masks"
+    for folder in (scans_dir, masks_dir):
+        if not folder.is_dir():
+            problems.append(DatasetError(f"{folder}: folder missing (the NIfTI release needs ct_scans/ and masks/)", folder))
+    scans = _nifti_files(scans_dir, problems)
+    masks = _nifti_files(masks_dir, problems)
+    patients: dict[int, _PatientFiles] = {}
+    for patient, scan_path in sorted(scans.items()):
+        mask_path = masks.get(patient)
+        if mask_path is None and masks_dir.is_dir():
+            problems.append(DatasetError(f"{scan_path}: scan has no mask in {masks_dir}", scan_path))
+        patients[patient] = _PatientFiles(patient, scan_path, mask_path)
+    for patient, mask_path in sorted(masks.items()):
+        if patient not in scans and scans_dir.is_dir():
+            problems.append(DatasetError(f"{mask_path}: mask has no scan in {scans_dir}", mask_path))
+    return patients
+
+
+def _nifti_files(folder: Path, problems: list[DatasetError]) -> dict[int, Path]:
+    found: dict[int, Path] = {}
+    if not folder.is_dir():
+        return found
+    for path in sorted(folder.iterdir()):
+        match = _NIFTI_NAME.match(path.name)
+        if not match:
+            continue
+        patient = int(match.group(1))
+        if patient in found:
+            problems.append(DatasetError(f"{path}: patient {patient} has two files ({found[patient].name} and {path.name})", path))
+            continue
+        found[patient] = path
+    return found
+
+
+def _index_jpg(root: Path, problems: list[DatasetError]) -> dict[int, _PatientFiles]:
+    patients_dir = root / "Patients_CT"
+    patients: dict[int, _PatientFiles] = {}
+    if not patients_dir.is_dir():
+        problems.append(DatasetError(f"{patients_dir}: folder missing (the JPG release needs Patients_CT/)", patients_dir))
+        return patients
+    for folder in sorted(patients_dir.iterdir()):
+        if not folder.is_dir() or not _PATIENT_DIR.match(folder.name):
+            continue
+        files = _PatientFiles(int(folder.name), folder)
+        brain_dir, bone_dir = folder / "brain", folder / "bone"
+        if not brain_dir.is_dir():
+            problems.append(DatasetError(f"{brain_dir}: folder missing", brain_dir))
+            continue
+        for path in brain_dir.iterdir():
+            if match := _JPG_IMAGE_NAME.match(path.name):
+                files.jpg_slices[int(match.group(1))] = path
+            elif match := _JPG_MASK_NAME.match(path.name):
+                files.jpg_masks[int(match.group(1))] = path
+        if bone_dir.is_dir():
+            for path in bone_dir.iterdir():
+                if match := _JPG_IMAGE_NAME.match(path.name):
+                    files.jpg_bone[int(match.group(1))] = path
+        if not files.jpg_slices:
+            problems.append(DatasetError(f"{brain_dir}: no slice images (K.jpg)", brain_dir))
+            continue
+        numbers = sorted(files.jpg_slices)
+        if numbers != list(range(1, len(numbers) + 1)):
+            gaps = sorted(set(range(1, numbers[-1] + 1)) - set(numbers))
+            problems.append(DatasetError(f"{brain_dir}: slice images are not numbered 1..N (missing {_short_list(gaps)})", brain_dir))
+            continue
+        for number, mask_path in sorted(files.jpg_masks.items()):
+            if number not in files.jpg_slices:
+                problems.append(DatasetError(f"{mask_path}: mask has no slice image {number}.jpg", mask_path))
+        patients[files.patient_id] = files
+    return patients
+
+
+def _short_list(values: Sequence[int], limit: int = 8) -> str:
+    shown = ", ".join(str(v) for v in values[:limit])
+    return shown + (", ..." if len(values) > limit else "")
+
+
+# --------------------------------------------------------------------------- the dataset
+
+
+class CTICHDataset:
+    """A CT-ICH release on disk, indexed lazily: ``load(patient_id)`` decodes one scan.
+
+    Construct with :func:`open_dataset`. Iterating yields :class:`Scan` records one at a time.
+    ``labels`` (per-slice CSV labels) and ``demographics`` are read at construction; images are not.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        release: Release,
+        files: dict[int, _PatientFiles],
+        labels: dict[int, SliceLabels],
+        demographics: dict[int, Demographics],
+        labels_path: Path,
+        demographics_path: Path | None,
+    ) -> None:
+        self.root = root
+        self.release: Release = release
+        self._files = files
+        self.labels = labels
+        self.demographics = demographics
+        self.labels_path = labels_path
+        self.demographics_path = demographics_path
+
+    @property
+    def patient_ids(self) -> list[int]:
+        """Patients with images, ascending."""
+        return sorted(self._files)
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+    def __iter__(self) -> Iterator[Scan]:
+        for patient in self.patient_ids:
+            yield self.load(patient)
+
+    def __repr__(self) -> str:
+        return f"CTICHDataset(root={str(self.root)!r}, release={self.release!r}, patients={len(self)})"
+
+    def n_slices(self, patient_id: int) -> int:
+        """Slices of a patient, from the label CSV (no image decoded)."""
+        return self.labels[patient_id].n_slices
+
+    def patient_labels(self) -> np.ndarray:
+        """(P, 6) bool per patient in :attr:`patient_ids` order: [has ICH, IVH, IPH, SAH, EDH, SDH]."""
+        table = np.zeros((len(self), 6), dtype=bool)
+        for row, patient in enumerate(self.patient_ids):
+            subtypes = self.labels[patient].patient_subtypes()
+            table[row, 0] = subtypes.any()
+            table[row, 1:] = subtypes
+        return table
+
+    def load(self, patient_id: int) -> Scan:
+        """Decode one patient's scan; raises :class:`DatasetError` naming the file on a problem."""
+        try:
+            files = self._files[patient_id]
+        except KeyError:
+            raise DatasetError(f"{self.root}: no scan for patient {patient_id}", self.root) from None
+        labels = self.labels[patient_id]
+        if self.release == "nifti":
+            scan = _load_nifti(files, labels)
+        else:
+            scan = _load_jpg(files, labels)
+        scan.demographics = self.demographics.get(patient_id)
+        return scan
+
+
+def open_dataset(root: str | Path) -> CTICHDataset:
+    """Recognise and index the CT-ICH release under ``root`` (no image is decoded).
+
+    Raises :class:`DatasetError` (or :class:`DatasetProblems` listing several) for a missing root or
+    folders, a scan without mask, a label CSV that is missing or lacks a column, CSV rows for a
+    patient without images, or images without CSV rows.
+    """
+    dataset, problems = index_dataset(root)
+    if problems:
+        raise problems[0] if len(problems) == 1 else DatasetProblems(problems)
+    assert dataset is not None
+    return dataset
+
+
+def index_dataset(root: str | Path) -> tuple[CTICHDataset | None, list[DatasetError]]:
+    """Index a release, collecting every structural problem instead of stopping at the first.
+
+    Returns the dataset restricted to the patients that are consistent (None when nothing could be
+    indexed) and the list of problems. Used by the dataset check.
+    """
+    try:
+        root, release = find_release(root)
+    except DatasetError as err:
+        return None, [err]
+    problems: list[DatasetError] = []
+    files = _index_nifti(root, problems) if release == "nifti" else _index_jpg(root, problems)
+
+    labels_path = _find_file(root, LABEL_FILES[release]) or _find_file(
+        root, LABEL_FILES["jpg" if release == "nifti" else "nifti"]
+    )
+    if labels_path is None:
+        missing = root / LABEL_FILES[release]
+        problems.append(DatasetError(f"{missing}: label CSV missing", missing))
+        return None, problems
+    try:
+        labels = read_slice_labels(labels_path)
+    except DatasetError as err:
+        problems.append(err)
+        return None, problems
+
+    demographics_path = _find_file(root, DEMOGRAPHICS_FILE)
+    demographics: dict[int, Demographics] = {}
+    if demographics_path is not None:
+        try:
+            demographics = read_demographics(demographics_path)
+        except DatasetError as err:
+            problems.append(err)
+
+    for patient in sorted(set(labels) - set(files)):
+        problems.append(DatasetError(f"{labels_path}: rows for patient {patient} but no images of that patient", labels_path))
+    consistent: dict[int, _PatientFiles] = {}
+    for patient, patient_files in sorted(files.items()):
+        if patient not in labels:
+            problems.append(DatasetError(f"{patient_files.image}: images of patient {patient} have no rows in {labels_path.name}", patient_files.image))
+            continue
+        if release == "jpg":
+            n_images, n_rows = len(patient_files.jpg_slices), labels[patient].n_slices
+            if n_images != n_rows:
+                problems.append(
+                    DatasetError(
+                        f"{patient_files.image}: {n_images} slice images but {n_rows} rows in {labels_path.name}",
+                        patient_files.image,
+                    )
+                )
+                continue
+        if release == "nifti" and patient_files.mask is None:
+            continue
+        consistent[patient] = patient_files
+    dataset = CTICHDataset(root, release, consistent, labels, demographics, labels_path, demographics_path)
+    return dataset, problems
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def _load_nifti(files: _PatientFiles, labels: SliceLabels) -> Scan:
+    import nibabel as nib
+
+    assert files.mask is not None
+    image, affine, spacing = _read_nifti(files.image, nib, want_hu=True)
+    mask_data, _, _ = _read_nifti(files.mask, nib, want_hu=False)
+    if mask_data.shape != image.shape:
+        raise DatasetError(
+            f"{files.mask}: mask shape {mask_data.shape} differs from its scan {files.image.name} {image.shape}",
+            files.mask,
+        )
+    if image.shape[2] != labels.n_slices:
+        raise DatasetError(
+            f"{files.image}: {image.shape[2]} slices but {labels.n_slices} rows in the label CSV", files.image
+        )
+    return Scan(
+        patient_id=files.patient_id,
+        release="nifti",
+        image=image,
+        mask=mask_data,
+        labels=labels,
+        demographics=None,
+        spacing=spacing,
+        affine=affine,
+        paths={"image": files.image, "mask": files.mask},
+    )
+
+
+def _read_nifti(path: Path, nib, want_hu: bool) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
+    """Decode a NIfTI volume: int16 HU (``want_hu``) or a bool mask (``> 0``)."""
+    try:
+        img = nib.load(path)
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: file not found", path) from None
+    except Exception as err:  # nibabel raises many types for a bad header
+        raise DatasetError(f"{path}: unreadable NIfTI ({_reason(err)})", path) from None
+    if len(img.shape) != 3:
+        raise DatasetError(f"{path}: expected a 3D volume, got shape {tuple(img.shape)}", path)
+    try:
+        data = np.asanyarray(img.dataobj)
+    except Exception as err:  # truncated or corrupt data block
+        raise DatasetError(f"{path}: unreadable NIfTI data, the file may be truncated ({_reason(err)})", path) from None
+    spacing = tuple(float(z) for z in img.header.get_zooms()[:3])
+    affine = np.asarray(img.affine, dtype=np.float64)
+    if not want_hu:
+        if data.dtype.kind == "f" and np.isnan(data).any():
+            raise DatasetError(f"{path}: mask contains NaN values", path)
+        return data > 0, affine, spacing  # type: ignore[return-value]
+    if data.dtype == np.int16:
+        return data, affine, spacing  # type: ignore[return-value]
+    if data.dtype.kind == "f":
+        if not np.isfinite(data).all():
+            raise DatasetError(f"{path}: scan contains NaN or infinite values", path)
+        data = np.rint(data, out=data)
+    elif data.dtype.kind not in "iub":
+        raise DatasetError(f"{path}: unsupported voxel type {data.dtype}", path)
+    return np.clip(data, -32768, 32767).astype(np.int16), affine, spacing  # type: ignore[return-value]
+
+
+def _reason(err: Exception) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
+def _load_jpg(files: _PatientFiles, labels: SliceLabels) -> Scan:
+    numbers = sorted(files.jpg_slices)
+    first = _read_jpg(files.jpg_slices[numbers[0]])
+    height, width = first.shape
+    n_slices = len(numbers)
+    brain = np.empty((height, width, n_slices), dtype=np.uint8)
+    bone = np.zeros((height, width, n_slices), dtype=np.uint8)
+    mask = np.zeros((height, width, n_slices), dtype=bool)
+    missing_bone: list[int] = []
+    for index, number in enumerate(numbers):
+        brain[:, :, index] = _read_jpg(files.jpg_slices[number], (height, width))
+        bone_path = files.jpg_bone.get(number)
+        if bone_path is None:
+            missing_bone.append(number)
+        else:
+            bone[:, :, index] = _read_jpg(bone_path, (height, width))
+        mask_path = files.jpg_masks.get(number)
+        if mask_path is not None:
+            mask[:, :, index] = _read_jpg(mask_path, (height, width)) > JPG_MASK_THRESHOLD
+    return Scan(
+        patient_id=files.patient_id,
+        release="jpg",
+        image=brain,
+        mask=mask,
+        labels=labels,
+        demographics=None,
+        spacing=None,
+        affine=None,
+        paths={"image": files.image / "brain", "mask": files.image / "brain", "bone": files.image / "bone"},
+        bone=bone,
+        missing_bone_slices=tuple(missing_bone),
+    )
+
+
+def _read_jpg(path: Path, expected: tuple[int, int] | None = None) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            array = np.asarray(img.convert("L"))
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: file not found", path) from None
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        raise DatasetError(f"{path}: unreadable JPG ({_reason(err)})", path) from None
+    if expected is not None and array.shape != expected:
+        raise DatasetError(
+            f"{path}: image is {array.shape[1]}x{array.shape[0]} pixels, expected {expected[1]}x{expected[0]} "
+            "like the patient's first slice",
+            path,
+        )
+    return array
