@@ -103,6 +103,7 @@ class ICHSegmentationModule(pl.LightningModule):
         self.val_metrics = MetricCollection(
             {"jaccard": BinaryJaccardIndex(), "dice": BinaryF1Score()}, prefix="val/"
         )
+        self.test_metrics = self.val_metrics.clone(prefix="test/")
         self._compiled_forward: Callable[[torch.Tensor], torch.Tensor] | None = None
         self._compile = compile
         self._fixed_val_batch: dict[str, torch.Tensor] | None = None
@@ -165,6 +166,21 @@ class ICHSegmentationModule(pl.LightningModule):
         self.val_metrics.reset()
         if not self.trainer.sanity_checking:
             self._log_overlay_grid()
+
+    def test_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> None:
+        """Window-level test metrics (``test/loss``, ``test/jaccard``, ``test/dice``)."""
+        logits = self(batch["image"])
+        target = batch["mask"]
+        loss = self.loss(logits.float(), target.float())
+        self.log("test/loss", loss, on_epoch=True, sync_dist=True, batch_size=len(logits))
+        self.test_metrics.update((torch.sigmoid(logits.float()) > self.threshold).int(), target.int())
+
+    def on_test_epoch_start(self) -> None:
+        self.test_metrics.reset()
+
+    def on_test_epoch_end(self) -> None:
+        self.log_dict(self.test_metrics.compute(), sync_dist=True)
+        self.test_metrics.reset()
 
     def _log_overlay_grid(self) -> None:
         every = self.image_log_every_n_epochs

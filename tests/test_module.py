@@ -150,3 +150,9 @@ def test_channels_last_gives_the_same_logits():
     fast = ICHSegmentationModule(net, channels_last=True)
     fast.setup("fit")
     torch.testing.assert_close(fast(x), plain, rtol=1e-5, atol=1e-5)
+
+
+def test_test_step_logs_window_metrics(tmp_path):
+    metrics = trainer(tmp_path).test(ICHSegmentationModule(Oracle()), loader(), verbose=False)[0]
+    assert metrics["test/jaccard"] == pytest.approx(1.0) and metrics["test/dice"] == pytest.approx(1.0)
+    assert "test/loss" in metrics

@@ -1,0 +1,169 @@
+"""Train one cross-validation round: ``python -m ichseg.train [overrides]`` (also ``ichseg-train``).
+
+A thin Hydra entry point: compose ``conf/train.yaml`` with the chosen experiment and overrides, seed,
+instantiate the DataModule, the LightningModule, callbacks, loggers and the Trainer, fit, test with
+the best-validation checkpoint, and print where the outputs are. :func:`train` takes a composed
+config and returns the metrics, for tests and sweeps.
+
+Examples::
+
+    python -m ichseg.train experiment=windowed data.root=/data/ct-ich data.fold=2 trainer=gpu
+    python -m ichseg.train experiment=demo                  # phantom data, CPU, minutes
+    python -m ichseg.train -m experiment=windowed data.fold=0,1,2,3,4
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from ichseg.errors import ConfigError, IchsegError
+
+PROG = "ichseg.train"
+
+
+def register_resolvers() -> None:
+    """Resolvers used by the configs: ``${len:list}`` and ``${div:a,b}``."""
+    for name, function in {"len": len, "div": lambda a, b: float(a) / float(b)}.items():
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, function)
+
+
+def ensure_phantom(data_cfg: DictConfig) -> None:
+    """Generate the phantom dataset into ``data.root`` when the config asks for one and it is absent."""
+    phantom = data_cfg.get("phantom")
+    if phantom is None:
+        return
+    root = Path(data_cfg.root)
+    if root.exists() and any(root.iterdir()):
+        return
+    from ichseg.data.phantom import generate_phantom
+
+    print(f"[{PROG}] generating the phantom dataset into {root}", file=sys.stderr)
+    slices = phantom.slices
+    n_slices = (int(slices), int(slices)) if isinstance(slices, int) else tuple(int(s) for s in slices)
+    generate_phantom(
+        root,
+        release=phantom.release,
+        n_patients=int(phantom.patients),
+        n_slices=n_slices,
+        size=int(phantom.size),
+        seed=int(phantom.seed),
+        progress=sys.stderr.isatty(),
+    )
+
+
+def checkpoint_meta(cfg: DictConfig) -> dict[str, Any]:
+    """What prediction needs to rebuild the network and its inputs, as plain data."""
+    data = cfg.data
+    keys = ("mode", "window", "stride", "working_size", "channels")
+    return {
+        "format": "ichseg-checkpoint",
+        "version": 1,
+        "net": OmegaConf.to_container(cfg.model.net, resolve=True),
+        "data": {key: OmegaConf.to_container(data, resolve=True).get(key) for key in keys},
+        "threshold": cfg.model.get("threshold", 0.5),
+    }
+
+
+def resolve_ckpt_path(cfg: DictConfig) -> str | None:
+    """``ckpt_path``: None, an existing file, or "last" (``checkpoints/last.ckpt`` of this run)."""
+    value = cfg.get("ckpt_path")
+    if value in (None, ""):
+        return None
+    path = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt" if value == "last" else Path(value)
+    if not path.is_file():
+        hint = " (to resume, run in the same folder: hydra.run.dir=<run dir> ckpt_path=last)" if value == "last" else ""
+        raise ConfigError(f"{path}: checkpoint to resume from does not exist{hint}")
+    return str(path)
+
+
+def instantiate_dict(section: DictConfig | None) -> list[Any]:
+    """Instantiate every entry with a ``_target_`` of a config group such as callbacks or logger."""
+    from hydra.utils import instantiate
+
+    if not section:
+        return []
+    return [instantiate(entry) for entry in section.values() if isinstance(entry, DictConfig) and "_target_" in entry]
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Fit and test one round as configured; returns the logged metrics as floats."""
+    import pytorch_lightning as pl
+    from hydra.utils import instantiate
+
+    register_resolvers()
+    pl.seed_everything(cfg.seed, workers=True)
+
+    data_cfg = cfg.data.copy()
+    ensure_phantom(data_cfg)
+    with open_dict(data_cfg):
+        data_cfg.pop("phantom", None)
+    datamodule = instantiate(data_cfg, _convert_="all")
+    model = instantiate(cfg.model, meta=checkpoint_meta(cfg))
+    callbacks = instantiate_dict(cfg.get("callbacks"))
+    loggers = instantiate_dict(cfg.get("logger"))
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    for logger in loggers:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+
+    metrics: dict[str, float] = {}
+    if cfg.get("train", True):
+        trainer.fit(model, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg))
+        metrics.update(_floats(trainer.callback_metrics))
+    if cfg.get("test", True):
+        best = getattr(trainer.checkpoint_callback, "best_model_path", "") if cfg.get("train", True) else ""
+        ckpt = best or None
+        if ckpt is None and cfg.get("train", True):
+            print(f"[{PROG}] no best checkpoint was saved: testing the current weights", file=sys.stderr)
+        trainer.test(model, datamodule=datamodule, ckpt_path=ckpt)
+        metrics.update(_floats(trainer.callback_metrics))
+    _print_outputs(cfg, trainer)
+    return metrics
+
+
+def _floats(metrics: dict[str, Any]) -> dict[str, float]:
+    return {name: float(value) for name, value in metrics.items()}
+
+
+def _print_outputs(cfg: DictConfig, trainer: Any) -> None:
+    if getattr(trainer, "global_rank", 0) != 0:
+        return
+    output_dir = Path(cfg.paths.output_dir)
+    lines = [f"[{PROG}] outputs in {output_dir}"]
+    callback = getattr(trainer, "checkpoint_callback", None)
+    if callback is not None and getattr(callback, "best_model_path", ""):
+        lines.append(f"  best checkpoint: {callback.best_model_path}")
+    if cfg.get("logger") and "tensorboard" in cfg.logger:
+        lines.append(f"  TensorBoard:     tensorboard --logdir {output_dir}")
+    print("\n".join(lines), file=sys.stderr)
+
+
+def _hydra_main() -> None:
+    import hydra
+
+    register_resolvers()
+
+    @hydra.main(version_base="1.3", config_path="pkg://ichseg.conf", config_name="train")
+    def run(cfg: DictConfig) -> float | None:
+        try:
+            metrics = train(cfg)
+        except IchsegError as err:
+            print(f"{PROG}: error: {err}", file=sys.stderr)
+            raise SystemExit(2) from None
+        metric = cfg.get("optimized_metric")
+        return metrics.get(metric) if metric else None
+
+    run()
+
+
+def main() -> None:
+    """Console-script entry point (``ichseg-train``)."""
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()
