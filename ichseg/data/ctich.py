@@ -357,7 +357,7 @@ def _find_file(folder: Path, name: str) -> Path | None:
     return None
 
 
-def _index_nifti(root: Path, problems: list[DatasetError]) -> dict[int, _PatientFiles]:
+def _index_nifti(root: Path, problems: list[DatasetError], seen: set[int]) -> dict[int, _PatientFiles]:
     scans_dir, masks_dir = root / "ct_scans", root / "masks"
     for folder in (scans_dir, masks_dir):
         if not folder.is_dir():
@@ -370,6 +370,7 @@ def _index_nifti(root: Path, problems: list[DatasetError]) -> dict[int, _Patient
         if mask_path is None and masks_dir.is_dir():
             problems.append(DatasetError(f"{scan_path}: scan has no mask in {masks_dir}", scan_path))
         patients[patient] = _PatientFiles(patient, scan_path, mask_path)
+    seen.update(scans, masks)
     for patient, mask_path in sorted(masks.items()):
         if patient not in scans and scans_dir.is_dir():
             problems.append(DatasetError(f"{mask_path}: mask has no scan in {scans_dir}", mask_path))
@@ -392,7 +393,7 @@ def _nifti_files(folder: Path, problems: list[DatasetError]) -> dict[int, Path]:
     return found
 
 
-def _index_jpg(root: Path, problems: list[DatasetError]) -> dict[int, _PatientFiles]:
+def _index_jpg(root: Path, problems: list[DatasetError], seen: set[int]) -> dict[int, _PatientFiles]:
     patients_dir = root / "Patients_CT"
     patients: dict[int, _PatientFiles] = {}
     if not patients_dir.is_dir():
@@ -402,6 +403,7 @@ def _index_jpg(root: Path, problems: list[DatasetError]) -> dict[int, _PatientFi
         if not folder.is_dir() or not _PATIENT_DIR.match(folder.name):
             continue
         files = _PatientFiles(int(folder.name), folder)
+        seen.add(files.patient_id)
         brain_dir, bone_dir = folder / "brain", folder / "bone"
         if not brain_dir.is_dir():
             problems.append(DatasetError(f"{brain_dir}: folder missing", brain_dir))
@@ -531,7 +533,9 @@ def index_dataset(root: str | Path) -> tuple[CTICHDataset | None, list[DatasetEr
     except DatasetError as err:
         return None, [err]
     problems: list[DatasetError] = []
-    files = _index_nifti(root, problems) if release == "nifti" else _index_jpg(root, problems)
+    seen: set[int] = set()  # patients with any file, even broken ones (reported once, above)
+    index = _index_nifti if release == "nifti" else _index_jpg
+    files = index(root, problems, seen)
 
     labels_path = _find_file(root, LABEL_FILES[release]) or _find_file(
         root, LABEL_FILES["jpg" if release == "nifti" else "nifti"]
@@ -554,7 +558,7 @@ def index_dataset(root: str | Path) -> tuple[CTICHDataset | None, list[DatasetEr
         except DatasetError as err:
             problems.append(err)
 
-    for patient in sorted(set(labels) - set(files)):
+    for patient in sorted(set(labels) - seen):
         problems.append(DatasetError(f"{labels_path}: rows for patient {patient} but no images of that patient", labels_path))
     consistent: dict[int, _PatientFiles] = {}
     for patient, patient_files in sorted(files.items()):
@@ -612,7 +616,7 @@ def _load_nifti(files: _PatientFiles, labels: SliceLabels) -> Scan:
 def _read_nifti(path: Path, nib, want_hu: bool) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
     """Decode a NIfTI volume: int16 HU (``want_hu``) or a bool mask (``> 0``)."""
     try:
-        img = nib.load(path)
+        img = nib.load(path, mmap=False)  # decode into memory: no view of a file that may change
     except FileNotFoundError:
         raise DatasetError(f"{path}: file not found", path) from None
     except Exception as err:  # nibabel raises many types for a bad header
