@@ -1,0 +1,184 @@
+"""Window grid, cropping, ICH counts per window and undersampling."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ichseg.data.patches import (
+    all_windows,
+    crop_packed_windows,
+    crop_window,
+    crop_windows,
+    epoch_generator,
+    flat_window_ids,
+    make_grid,
+    negative_windows,
+    pack_masks,
+    positive_windows,
+    training_windows,
+    unpack_masks,
+    validation_windows,
+    window_positive_counts,
+    windows_from_ids,
+)
+from ichseg.errors import ConfigError
+
+
+def test_paper_grid_is_7x7_tiling_640() -> None:
+    grid = make_grid(640, 160, 80)
+    assert len(grid) == 49 and grid.shape == (7, 7)
+    assert list(np.unique(grid.corners[:, 0])) == list(range(0, 481, 80))
+    assert tuple(grid.corners[0]) == (0, 0) and tuple(grid.corners[-1]) == (480, 480)
+    assert tuple(grid.corners[1]) == (0, 80)  # row-major
+    coverage = grid.coverage()
+    assert coverage.min() == 1 and coverage.max() == 4
+    # the authors' NIfTI code: 128/64 on 512 is also 7x7
+    assert len(make_grid(512, 128, 64)) == 49
+
+
+@pytest.mark.parametrize("size", [512, 650, (600, 650), 161])
+def test_grid_covers_every_pixel(size) -> None:
+    grid = make_grid(size, 160, 80)
+    coverage = grid.coverage()
+    assert coverage.min() >= 1
+    assert (grid.corners + grid.window <= np.asarray(grid.size)).all()
+    naive = np.zeros(grid.size, dtype=int)
+    for row, col in grid.corners:
+        naive[row : row + 160, col : col + 160] += 1
+    np.testing.assert_array_equal(naive, coverage)
+
+
+def test_far_edge_alignment_at_650() -> None:
+    grid = make_grid(650, 160, 80)
+    starts = np.unique(grid.corners[:, 0])
+    assert list(starts) == [0, 80, 160, 240, 320, 400, 480, 490]
+
+
+def test_bad_grid_settings() -> None:
+    with pytest.raises(ConfigError, match="does not fit"):
+        make_grid(100, 160, 80)
+    with pytest.raises(ConfigError, match="gaps"):
+        make_grid(640, 160, 200)
+
+
+def test_cropped_window_is_a_view_of_its_region() -> None:
+    rng = np.random.default_rng(0)
+    slices = rng.integers(0, 255, size=(3, 2, 64, 64), dtype=np.uint8)
+    grid = make_grid(64, 16, 8)
+    window = crop_window(slices, 2, 10, grid)
+    row, col = grid.corners[10]
+    np.testing.assert_array_equal(window, slices[2, :, row : row + 16, col : col + 16])
+    assert np.shares_memory(window, slices)
+    assert window.shape == (2, 16, 16)
+
+
+@pytest.mark.parametrize("channels", [None, 3])
+def test_crop_windows_batch_matches_single_crops(channels) -> None:
+    rng = np.random.default_rng(1)
+    shape = (5, 64, 64) if channels is None else (5, channels, 64, 64)
+    slices = rng.integers(0, 255, size=shape, dtype=np.uint8)
+    grid = make_grid(64, 16, 8)
+    windows = np.stack([rng.integers(0, 5, 20), rng.integers(0, len(grid), 20)], axis=1)
+    batch = crop_windows(slices, windows, grid)
+    assert batch.shape == (20, *shape[1:-2], 16, 16)
+    assert not np.shares_memory(batch, slices)
+    for out, (s, g) in zip(batch, windows, strict=True):
+        np.testing.assert_array_equal(out, crop_window(slices, s, g, grid))
+
+
+def test_positive_counts_equal_a_naive_loop() -> None:
+    rng = np.random.default_rng(2)
+    masks = rng.random((40, 90, 90)) < 0.02
+    masks[::3] = False  # empty slices take the fast path
+    grid = make_grid(90, 32, 16)
+    counts = window_positive_counts(masks, grid, chunk=7)
+    naive = np.zeros_like(counts)
+    for s in range(masks.shape[0]):
+        for g, (row, col) in enumerate(grid.corners):
+            naive[s, g] = masks[s, row : row + 32, col : col + 32].sum()
+    np.testing.assert_array_equal(counts, naive)
+
+
+def _counts_and_patients(seed: int = 3):
+    """10 patients x 8 slices, 49 windows, ICH on some slices."""
+    rng = np.random.default_rng(seed)
+    n_patients, n_slices, n_positions = 10, 8, 49
+    counts = np.zeros((n_patients * n_slices, n_positions), dtype=np.int32)
+    ich_slices = rng.choice(counts.shape[0], size=15, replace=False)
+    for s in ich_slices:
+        counts[s, rng.choice(n_positions, size=rng.integers(1, 6), replace=False)] = rng.integers(
+            1, 500
+        )
+    # patient 0 has ICH on every slice: it has no ICH-free slice
+    counts[:n_slices, 0] = 5
+    patients = np.repeat(np.arange(100, 100 + n_patients), n_slices)
+    return counts, patients
+
+
+def test_paper_rule_takes_all_windows_of_one_empty_slice_per_patient() -> None:
+    counts, patients = _counts_and_patients()
+    negatives = negative_windows(counts, patients, "paper", epoch_generator(0, 0))
+    slices = np.unique(negatives[:, 0])
+    assert len(negatives) == 49 * len(slices)
+    assert (counts[slices].max(axis=1) == 0).all()  # empty slices only
+    chosen_patients = patients[slices]
+    assert sorted(chosen_patients) == list(range(101, 110))  # one per patient, none for patient 100
+
+
+def test_ratio_rule_draws_ratio_times_positives_without_replacement() -> None:
+    counts, patients = _counts_and_patients()
+    n_positive = int((counts > 0).sum())
+    for ratio in (0.5, 1.0, 3.0):
+        negatives = negative_windows(counts, patients, "ratio", epoch_generator(0, 1), ratio=ratio)
+        assert len(negatives) == round(ratio * n_positive)
+        assert len(np.unique(flat_window_ids(negatives, 49))) == len(negatives)
+        assert (counts[negatives[:, 0], negatives[:, 1]] == 0).all()
+    # more than available: all ICH-free windows
+    everything = negative_windows(counts, patients, "ratio", epoch_generator(0, 1), ratio=1e6)
+    assert len(everything) == int((counts == 0).sum())
+
+
+def test_training_windows_include_every_positive_and_are_deterministic() -> None:
+    counts, patients = _counts_and_patients()
+    for rule in ("paper", "ratio"):
+        epoch0 = training_windows(counts, patients, rule, ratio=2.0, seed=5, epoch=0)
+        again = training_windows(counts, patients, rule, ratio=2.0, seed=5, epoch=0)
+        epoch1 = training_windows(counts, patients, rule, ratio=2.0, seed=5, epoch=1)
+        np.testing.assert_array_equal(epoch0, again)
+        assert len(epoch0) == len(epoch1)
+        assert not np.array_equal(epoch0, epoch1)
+        ids = set(flat_window_ids(epoch0, 49).tolist())
+        assert set(flat_window_ids(positive_windows(counts), 49).tolist()) <= ids
+    assert len(training_windows(counts, patients, "all")) == counts.size
+    with pytest.raises(ConfigError, match="undersampling rule"):
+        training_windows(counts, patients, "most")
+
+
+def test_validation_windows() -> None:
+    counts, _ = _counts_and_patients()
+    assert len(validation_windows(counts, "positive")) == int((counts > 0).sum())
+    assert len(validation_windows(counts, "all")) == counts.size
+
+
+def test_flat_ids_round_trip() -> None:
+    windows = all_windows(4, 49)
+    np.testing.assert_array_equal(windows_from_ids(flat_window_ids(windows, 49), 49), windows)
+
+
+@pytest.mark.parametrize(
+    ("size", "window", "stride"),
+    [(640, 160, 80), (650, 160, 80), (90, 32, 16), (37, 13, 5), (64, 64, 64)],
+)
+def test_packed_masks_crop_like_bool_masks(size, window, stride) -> None:
+    rng = np.random.default_rng(size)
+    masks = rng.random((3, size, size)) < 0.3
+    grid = make_grid(size, window, stride)
+    packed = pack_masks(masks)
+    assert packed.shape == (3, size, (size + 7) // 8)
+    np.testing.assert_array_equal(unpack_masks(packed, size), masks)
+    windows = all_windows(3, len(grid))
+    np.testing.assert_array_equal(
+        crop_packed_windows(packed, windows, grid),
+        crop_windows(masks, windows, grid).astype(np.uint8),
+    )
