@@ -15,7 +15,7 @@ forward, the weights stay under ``net.``), and any Lightning ``precision`` (e.g.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import partial
 from typing import Any
 
@@ -219,7 +219,7 @@ def _plain(value: Any) -> Any:
     """Reduce a config to JSON-like data so checkpoints load with ``weights_only=True``."""
     if isinstance(value, Mapping):
         return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
+    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
         return [_plain(v) for v in value]
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)

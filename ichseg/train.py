@@ -56,6 +56,17 @@ def ensure_phantom(data_cfg: DictConfig) -> None:
     )
 
 
+def check_data_root(data_cfg: DictConfig) -> None:
+    """Fail early, with what to do, when the dataset root is missing."""
+    root = Path(str(data_cfg.get("root", "")))
+    if data_cfg.get("phantom") is None and not root.exists():
+        raise ConfigError(
+            f"{root}: CT-ICH dataset not found; download it from https://physionet.org/content/ct-ich/ "
+            "(README, 'The data') and pass data.root=PATH or set ICHSEG_DATA, "
+            "or train on the generated phantom with data=phantom (or experiment=demo)"
+        )
+
+
 def checkpoint_meta(cfg: DictConfig) -> dict[str, Any]:
     """What prediction needs to rebuild the network and its inputs, as plain data."""
     data = cfg.data
@@ -99,11 +110,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
     pl.seed_everything(cfg.seed, workers=True)
 
     data_cfg = cfg.data.copy()
+    check_data_root(data_cfg)
     ensure_phantom(data_cfg)
     with open_dict(data_cfg):
         data_cfg.pop("phantom", None)
     datamodule = instantiate(data_cfg, _convert_="all")
-    model = instantiate(cfg.model, meta=checkpoint_meta(cfg))
+    model = instantiate(cfg.model)
+    model.meta = checkpoint_meta(cfg)  # plain data, set after instantiate so "_target_" stays a string
     callbacks = instantiate_dict(cfg.get("callbacks"))
     loggers = instantiate_dict(cfg.get("logger"))
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
