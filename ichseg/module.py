@@ -139,7 +139,7 @@ class ICHSegmentationModule(pl.LightningModule):
                 f"the training loss is {loss.item()} at epoch {self.current_epoch}, step {self.global_step} "
                 f"(batch {batch_idx}); lower the learning rate or check the input data"
             )
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(logits))
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=len(logits))
         return loss
 
     def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> None:

@@ -92,6 +92,18 @@ def resolve_ckpt_path(cfg: DictConfig) -> str | None:
     return str(path)
 
 
+def build_datamodule(cfg: DictConfig) -> Any:
+    """The configured DataModule; a phantom dataset is generated first when ``data=phantom``."""
+    from hydra.utils import instantiate
+
+    data_cfg = cfg.data.copy()
+    check_data_root(data_cfg)
+    ensure_phantom(data_cfg)
+    with open_dict(data_cfg):
+        data_cfg.pop("phantom", None)
+    return instantiate(data_cfg, _convert_="all")
+
+
 def instantiate_dict(section: DictConfig | None) -> list[Any]:
     """Instantiate every entry with a ``_target_`` of a config group such as callbacks or logger."""
     from hydra.utils import instantiate
@@ -109,12 +121,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     register_resolvers()
     pl.seed_everything(cfg.seed, workers=True)
 
-    data_cfg = cfg.data.copy()
-    check_data_root(data_cfg)
-    ensure_phantom(data_cfg)
-    with open_dict(data_cfg):
-        data_cfg.pop("phantom", None)
-    datamodule = instantiate(data_cfg, _convert_="all")
+    datamodule = build_datamodule(cfg)
     model = instantiate(cfg.model)
     model.meta = checkpoint_meta(cfg)  # plain data, set after instantiate so "_target_" stays a string
     callbacks = instantiate_dict(cfg.get("callbacks"))
