@@ -35,3 +35,12 @@ class DatasetProblems(DatasetError):
 
 class ConfigError(IchsegError):
     """A configuration value is invalid or inconsistent."""
+
+
+class ReportError(IchsegError):
+    """Evaluation results on disk are missing, unreadable or inconsistent (e.g. a patient tested
+    twice across folds); ``path`` is the file or folder concerned."""
+
+    def __init__(self, message: str, path: str | PathLike[str] | None = None) -> None:
+        super().__init__(message)
+        self.path = None if path is None else str(path)

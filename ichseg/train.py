@@ -157,9 +157,29 @@ def _print_outputs(cfg: DictConfig, trainer: Any) -> None:
     callback = getattr(trainer, "checkpoint_callback", None)
     if callback is not None and getattr(callback, "best_model_path", ""):
         lines.append(f"  best checkpoint: {callback.best_model_path}")
+    if (output_dir / "report.md").is_file():
+        lines.append(f"  test report:     {output_dir / 'report.md'}")
     if cfg.get("logger") and "tensorboard" in cfg.logger:
         lines.append(f"  TensorBoard:     tensorboard --logdir {output_dir}")
     print("\n".join(lines), file=sys.stderr)
+
+
+def share_splits_in_sweep(cfg: DictConfig) -> None:
+    """In a multirun (e.g. the 5 folds) all jobs share ``<sweep dir>/splits.json``.
+
+    The first job to get there writes it (atomically; the split is deterministic, so jobs started
+    at the same time write the same file) and the others read it, unless ``data.splits_file`` is set.
+    """
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode != RunMode.MULTIRUN or cfg.data.get("splits_file"):
+        return
+    with open_dict(cfg):
+        cfg.data.splits_file = str(Path(hydra_cfg.sweep.dir) / "splits.json")
 
 
 def _hydra_main() -> None:
@@ -169,6 +189,7 @@ def _hydra_main() -> None:
 
     @hydra.main(version_base="1.3", config_path="pkg://ichseg.conf", config_name="train")
     def run(cfg: DictConfig) -> float | None:
+        share_splits_in_sweep(cfg)
         try:
             metrics = train(cfg)
         except IchsegError as err:

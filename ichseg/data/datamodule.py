@@ -819,14 +819,25 @@ class CTICHDataModule(pl.LightningDataModule):
 
     # ------------------------------------------------------------------ evaluation view
 
-    def eval_scans(self, split: Split = "test") -> Iterator[EvalScan]:
-        """Every patient of ``split``: working-size slices, original-resolution mask, labels.
+    def eval_scans(
+        self, split: Split = "test", patients: Sequence[int] | None = None
+    ) -> Iterator[EvalScan]:
+        """Every patient of ``split`` (or only ``patients`` of it, in that order, e.g. one DDP
+        rank's share): working-size slices, original-resolution mask, labels.
 
         Scans are re-read one at a time for their original masks; images come from the store.
         """
         self._require_setup()
         assert self.cv_round is not None and self.store is not None and self.dataset is not None
-        for patient in self.cv_round.patients(split):
+        members = self.cv_round.patients(split)
+        if patients is not None:
+            outside = sorted(set(int(p) for p in patients) - set(members))
+            if outside:
+                raise ConfigError(
+                    f"patients {outside} are not in the {split} split of round {self.fold}"
+                )
+            members = [int(p) for p in patients]
+        for patient in members:
             scan = self.dataset.load(patient)
             yield EvalScan(
                 patient_id=patient,

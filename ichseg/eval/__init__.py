@@ -7,8 +7,12 @@
   10x10 / 5x5 squares, scaled with the pixel size), in scipy or in torch with identical results.
 * :mod:`ichseg.eval.metrics`: per-slice counts (mergeable across folds and processes) and their
   aggregation into the paper's tables and the volume metrics beyond them.
+* :mod:`ichseg.eval.report`: the tables as plain rows and markdown with the paper's numbers beside
+  them, the report files of one evaluation, and the merge of cross-validation folds.
+* :mod:`ichseg.eval.callback`: :class:`~ichseg.eval.callback.StitchedEvaluation`, the Lightning
+  callback that scores every val / test slice on the original grid and writes the report.
 
-This package knows nothing of Hydra or of the DataModule.
+This package knows nothing of Hydra; only the callback uses the DataModule (its ``eval_scans``).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-__all__ = ["metrics", "postprocess", "stitch"]
+__all__ = ["callback", "metrics", "postprocess", "report", "stitch"]
 
 
 def __getattr__(name: str) -> ModuleType:

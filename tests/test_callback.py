@@ -1,0 +1,366 @@
+"""StitchedEvaluation: an oracle scores 1, an empty model 0, each test slice once, files, logs."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.loggers import TensorBoardLogger
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ichseg.data.datamodule import CTICHDataModule
+from ichseg.errors import ConfigError
+from ichseg.eval.callback import (
+    ShardResult,
+    StitchedEvaluation,
+    grid_scale,
+    merge_shards,
+    shard_patients,
+)
+from ichseg.eval.metrics import SliceCounts
+from ichseg.eval.report import PatientInfo
+from ichseg.module import ICHSegmentationModule
+
+THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+class Oracle(nn.Module):
+    """Logits +-20 from channel 0 thresholded at 0.5: perfect when channel 0 holds the mask."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(40.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x[:, :1] - 0.5) * self.scale
+
+
+class Empty(nn.Module):
+    """Predicts nothing anywhere (the paper's full-slice U-Net)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bias = nn.Parameter(torch.tensor(-10.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(x[:, :1]) + self.bias
+
+
+def oracle_datamodule(root: Path, **options) -> CTICHDataModule:
+    """A datamodule whose working-size images hold the working-size masks (255 = ICH)."""
+    defaults = {"k": 3, "exclude": (), "batch_size": 16, "window": 32, "stride": 16}
+    module = CTICHDataModule(root, **{**defaults, **options})
+    module.setup("test")
+    module.store.images[:, 0] = module.store.mask_slices(slice(None)).astype(np.uint8) * 255
+    return module
+
+
+# working size = the phantom's size: no resampling, so encoding the mask in the image is exact
+CASES = {
+    "nifti-windowed": ("nifti", {"working_size": 96}),
+    "nifti-full_slice": ("nifti", {"working_size": 96, "mode": "full_slice"}),
+    "jpg-crop": ("jpg", {"working_size": 108}),  # 110 -> 108: one-pixel border cropped
+}
+
+
+@pytest.fixture(scope="module")
+def datamodules(nifti_phantom, jpg_phantom) -> dict[str, CTICHDataModule]:
+    roots = {"nifti": nifti_phantom.root, "jpg": jpg_phantom.root}
+    return {name: oracle_datamodule(roots[rel], **opts) for name, (rel, opts) in CASES.items()}
+
+
+def make_trainer(tmp_path: Path, callbacks, logger=False, **kwargs) -> pl.Trainer:
+    options = dict(
+        default_root_dir=tmp_path, accelerator="cpu", devices=1, logger=logger,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )  # fmt: skip
+    options.update(kwargs)
+    return pl.Trainer(callbacks=callbacks, **options)
+
+
+def metric(trainer: pl.Trainer, name: str) -> float:
+    return float(trainer.callback_metrics[name])
+
+
+def strict_json(path: Path):
+    def reject(constant):
+        raise ValueError(f"{path} holds {constant}")
+
+    return json.loads(path.read_text(), parse_constant=reject)
+
+
+def expected_slices(datamodule: CTICHDataModule) -> set[tuple[int, int]]:
+    store = datamodule.store
+    rows = datamodule.rows("test")
+    return set(zip(store.patients[rows].tolist(), store.slice_numbers[rows].tolist(), strict=True))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_oracle_scores_one_and_every_test_slice_is_written_once(case, datamodules, tmp_path):
+    datamodule = datamodules[case]
+    callback = StitchedEvaluation(min_area=0, postprocess=False, n_overlays=2)
+    logger = TensorBoardLogger(tmp_path, name="tb", version="")
+    trainer = make_trainer(tmp_path, [callback], logger=logger)
+    results = trainer.test(ICHSegmentationModule(Oracle()), datamodule=datamodule, verbose=False)
+
+    for name in ("dice", "jaccard", "dice_3d"):
+        assert metric(trainer, f"test/stitched_{name}") == 1.0
+    for t in THRESHOLDS:
+        for name in ("sensitivity", "specificity", "accuracy"):
+            assert metric(trainer, f"test/stitched_{name}@{t:g}") == 1.0
+    assert results[0]["test/stitched_dice"] == 1.0  # also in what trainer.test returns
+    assert "test/dice" in trainer.callback_metrics  # the module's window-level metric is kept
+    if case != "jpg-crop":  # the JPG release has no spacing: volumes are undefined
+        assert metric(trainer, "test/stitched_abs_error_ml") == 0.0
+
+    report = strict_json(tmp_path / "report.json")
+    test_patients = sorted(datamodule.cv_round.test)
+    assert report["patients"] == test_patients and report["fold"] == 0 and report["split"] == "test"
+    settings = report["settings"]
+    assert settings["min_area"] == 0 and settings["thresholds"] == list(THRESHOLDS)
+    assert settings["mode"] == datamodule.mode
+    assert report["tables"]["segmentation"]["dice"]["mean"] == 1.0
+    assert "Table 5" in (tmp_path / "report.md").read_text()
+
+    with open(tmp_path / "slices.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    keys = [(int(r["patient"]), int(r["slice"])) for r in rows]
+    assert len(keys) == len(set(keys)) and set(keys) == expected_slices(datamodule)
+    ich = [r for r in rows if int(r["gt_pixels"]) > 0]
+    assert ich and all(float(r["dice@0.5"]) == 1.0 for r in ich)
+    assert all(r["dice@0.5"] == "" for r in rows if int(r["gt_pixels"]) == 0)
+    assert all(int(r["pred_pixels@0.9"]) == int(r["gt_pixels"]) for r in rows)
+    # the label CSV's subtype flags travel with their slices (the phantom's labels match its masks)
+    flagged = [r for r in rows if any(r[s] == "1" for s in ("IVH", "IPH", "SAH", "EDH", "SDH"))]
+    assert flagged == ich
+    counts = SliceCounts.load(tmp_path / "counts.npz")
+    assert len(counts) == len(rows) and counts.thresholds.tolist() == list(THRESHOLDS)
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"images": 0, "tensors": 0})
+    events.Reload()
+    assert any("stitched_best_slices" in tag for tag in events.Tags()["images"])
+    assert any("stitched_report" in tag for tag in events.Tags()["tensors"])
+
+
+def test_the_original_masks_are_the_reference(datamodules, tmp_path):
+    """The counts' ground truth is the mask on the scan's own grid (here 96 = working size)."""
+    datamodule = datamodules["nifti-windowed"]
+    callback = StitchedEvaluation(min_area=0, postprocess=False, n_overlays=0)
+    make_trainer(tmp_path, [callback]).test(
+        ICHSegmentationModule(Oracle()), datamodule=datamodule, verbose=False
+    )
+    merged, _ = callback.results["test"]
+    for scan in datamodule.eval_scans("test"):
+        rows = merged.counts.patient == scan.patient_id
+        np.testing.assert_array_equal(merged.counts.gt_pixels[rows], scan.mask.sum(axis=(0, 1)))
+        assert merged.patients[scan.patient_id].age == scan.demographics.age
+
+
+def test_empty_model_scores_dice_zero_and_specificity_one(datamodules, tmp_path):
+    callback = StitchedEvaluation(n_overlays=0)  # the paper's post-processing and 400 px minimum
+    trainer = make_trainer(tmp_path, [callback])
+    datamodule = datamodules["nifti-windowed"]
+    trainer.test(ICHSegmentationModule(Empty()), datamodule=datamodule, verbose=False)
+    assert metric(trainer, "test/stitched_dice") == 0.0
+    assert metric(trainer, "test/stitched_jaccard") == 0.0
+    assert metric(trainer, "test/stitched_dice_3d") == 0.0
+    for t in THRESHOLDS:
+        assert metric(trainer, f"test/stitched_specificity@{t:g}") == 1.0
+        assert metric(trainer, f"test/stitched_sensitivity@{t:g}") == 0.0
+    report = strict_json(tmp_path / "report.json")
+    assert report["settings"]["min_area"] == 400
+    assert report["settings"]["postprocess"]["closing_size"] == 10
+
+
+def test_gaussian_blending_and_a_resampled_grid_stay_close_to_perfect(nifti_phantom, tmp_path):
+    """Working size 128 from 96 (as 640 from 512): probabilities are resampled back to 96."""
+    datamodule = oracle_datamodule(nifti_phantom.root, working_size=128)
+    callback = StitchedEvaluation(
+        min_area=0, postprocess=False, blend_mode="gaussian", n_overlays=0
+    )
+    trainer = make_trainer(tmp_path, [callback])
+    trainer.test(ICHSegmentationModule(Oracle()), datamodule=datamodule, verbose=False)
+    assert metric(trainer, "test/stitched_dice") > 0.85
+    assert metric(trainer, "test/stitched_specificity@0.5") == 1.0
+
+
+def test_val_split_is_scored_during_fit_for_the_checkpoint(datamodules, tmp_path):
+    datamodule = datamodules["nifti-windowed"]
+    callback = StitchedEvaluation(every_n_val_epochs=2, min_area=0, postprocess=False, n_overlays=0)
+    checkpoint = ModelCheckpoint(
+        dirpath=tmp_path / "ckpt", monitor="val/stitched_dice", mode="max", every_n_epochs=2
+    )
+    trainer = make_trainer(
+        tmp_path, [callback, checkpoint], enable_checkpointing=True, max_epochs=2,
+        limit_train_batches=1, limit_val_batches=1,
+    )  # fmt: skip
+    model = ICHSegmentationModule(Oracle(), optimizer=lambda p: torch.optim.SGD(p, lr=0.0))
+    trainer.fit(model, datamodule=datamodule)
+    assert metric(trainer, "val/stitched_dice") == 1.0
+    assert float(checkpoint.best_model_score) == 1.0 and Path(checkpoint.best_model_path).is_file()
+    assert set(callback.results["val"][0].counts.patient.tolist()) == set(datamodule.cv_round.val)
+    assert not (tmp_path / "report.json").exists()  # files only at test time
+
+
+def test_a_val_split_at_test_time_goes_into_its_own_folder(datamodules, tmp_path):
+    callback = StitchedEvaluation(splits=["val", "test"], min_area=0, n_overlays=0)
+    trainer = make_trainer(tmp_path, [callback], logger=False)
+    callback.output_dir = tmp_path / "out"
+    datamodule = datamodules["nifti-windowed"]
+    trainer.test(ICHSegmentationModule(Oracle()), datamodule=datamodule, verbose=False)
+    assert strict_json(tmp_path / "out" / "report.json")["split"] == "test"
+    assert strict_json(tmp_path / "out" / "val" / "report.json")["split"] == "val"
+    assert "val/stitched_dice" in trainer.callback_metrics
+
+
+def test_bad_options_and_a_missing_datamodule_are_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="splits"):
+        StitchedEvaluation(splits=["train"])
+    with pytest.raises(ConfigError, match="post-processing option"):
+        StitchedEvaluation(postprocess={"closing": 10})
+    with pytest.raises(ConfigError, match="blend_mode"):
+        StitchedEvaluation(blend_mode="median")
+    with pytest.raises(ConfigError, match="threshold"):
+        StitchedEvaluation(thresholds=[0.5, 1.5])
+    off = StitchedEvaluation(postprocess={"enabled": False, "closing_size": 10})
+    assert off.postprocess.steps() == []
+    loader = DataLoader([{"image": torch.zeros(1, 8, 8), "mask": torch.zeros(1, 8, 8)}])
+    with pytest.raises(ConfigError, match="datamodule"):
+        make_trainer(tmp_path, [StitchedEvaluation()]).test(
+            ICHSegmentationModule(Oracle()), dataloaders=loader, verbose=False
+        )
+
+
+def test_grid_scale_gives_sizes_at_640():
+    assert grid_scale((512, 512), 640, "resize") == (0.8, 0.8)
+    assert grid_scale((650, 650), 640, "crop") == (1.0, 1.0)
+    assert grid_scale((96, 96), 96, "resize") == pytest.approx((0.15, 0.15))
+    assert grid_scale((130, 130), 128, "crop") == pytest.approx((0.2, 0.2))
+
+
+# --------------------------------------------------------------------------- DDP sharding
+
+
+def fake_patient(patient: int, n_slices: int, seed: int) -> ShardResult:
+    rng = np.random.default_rng(seed)
+    gt = rng.integers(0, 50, n_slices) * (rng.random(n_slices) < 0.5)
+    pred = rng.integers(0, 60, (n_slices, 2))
+    inter = np.minimum(pred, gt[:, None]) // 2
+    counts = SliceCounts(
+        np.full(n_slices, patient), np.arange(1, n_slices + 1), (0.5, 0.7), gt, pred, inter, 0.01
+    )
+    flags = rng.random((n_slices, 6)) < 0.3
+    return ShardResult(counts, {patient: PatientInfo(patient, age=30.0)}, flags)
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_sharding_and_merging_cover_every_slice_exactly_once(world_size):
+    patients = [49, 50, 51, 52, 66, 67, 70]
+    scored = {p: fake_patient(p, 3 + i, seed=i) for i, p in enumerate(patients)}
+    shards = [shard_patients(patients, rank, world_size) for rank in range(world_size)]
+    assert sorted(p for shard in shards for p in shard) == patients  # disjoint and complete
+    assert all(patients.index(p) % world_size == rank for rank, s in enumerate(shards) for p in s)
+    parts = [merge_shards([scored[p] for p in shard]) if shard else ShardResult.empty((0.5, 0.7))
+             for shard in shards]  # fmt: skip
+    parts.append(scored[patients[0]])  # a repeated patient (as DDP padding repeats samples)
+    merged = merge_shards(parts)
+    counts = merged.counts
+    keys = list(zip(counts.patient.tolist(), counts.slice_index.tolist(), strict=True))
+    expected = {(p, s) for p in patients for s in range(1, len(scored[p].counts) + 1)}
+    assert len(keys) == len(set(keys)) and set(keys) == expected
+    assert keys == sorted(keys)
+    assert set(merged.patients) == set(patients)
+    for p in patients:  # label flags stay aligned with their slices
+        rows = merged.counts.patient == p
+        np.testing.assert_array_equal(merged.slice_flags[rows], scored[p].slice_flags)
+        np.testing.assert_array_equal(merged.counts.gt_pixels[rows], scored[p].counts.gt_pixels)
+
+
+def test_merging_rejects_a_slice_scored_twice_differently():
+    first, second = fake_patient(49, 4, seed=0), fake_patient(49, 4, seed=1)
+    with pytest.raises(ConfigError, match="different"):
+        merge_shards([first, second])
+    with pytest.raises(ConfigError, match="rank"):
+        shard_patients([1, 2], rank=2, world_size=2)
+
+
+def test_nan_free_scalars_for_a_split_without_ich():
+    """No ICH patient: Dice is undefined (NaN scalar) and the JSON says null."""
+    from ichseg.eval.callback import scalar_metrics
+    from ichseg.eval.report import compute_tables, dumps_json
+
+    counts = SliceCounts([49, 49], [1, 2], (0.5,), [0, 0], [[0], [0]], [[0], [0]], 0.01)
+    tables = compute_tables(counts)
+    scalars = scalar_metrics(tables, "test")
+    assert math.isnan(scalars["test/stitched_dice"])
+    assert scalars["test/stitched_specificity@0.5"] == 1
+    assert "NaN" not in dumps_json(tables.to_dict())
+
+
+# ------------------------------------------------------------------------- through the entry point
+
+
+def test_train_entry_point_writes_the_stitched_report(tmp_path):
+    """`ichseg.train.train` with the composed config (experiment=demo) writes report.json."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    from ichseg.train import register_resolvers, train
+
+    register_resolvers()
+    run_dir = tmp_path / "run"
+    overrides = [
+        "experiment=demo", f"paths.log_dir={tmp_path}", f"paths.output_dir={run_dir}",
+        f"paths.cache_dir={tmp_path / 'cache'}", "data.phantom.patients=8", "data.phantom.slices=6",
+        "data.phantom.size=64", "data.k=4", "data.working_size=64", "data.window=32",
+        "data.stride=16", "model.net.base_filters=4", "model.net.depth=2", "trainer.max_epochs=1",
+        "++trainer.limit_train_batches=2", "callbacks.progress_bar.refresh_rate=0",
+    ]  # fmt: skip
+    GlobalHydra.instance().clear()
+    with initialize_config_module("ichseg.conf", version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg.hydra
+    assert cfg.callbacks.stitched_eval.min_area == 400  # in the default callbacks
+    metrics = train(cfg)
+    report = strict_json(run_dir / "report.json")
+    assert report["patients"] and report["settings"]["min_area"] == 400
+    assert report["settings"]["postprocess"] == {
+        "closing_size": 10, "opening_size": 5, "order": "close-open", "convention": "opencv",
+    }  # fmt: skip
+    assert "best-epoch000" in report["checkpoint"] and "test/stitched_dice" in metrics
+    for name in ("report.md", "slices.csv", "counts.npz"):
+        assert (run_dir / name).is_file()
+
+
+def test_overlay_gallery_keeps_the_best_and_worst_slices_once():
+    from ichseg.eval.callback import OverlayGallery, _Overlay
+
+    def item(patient, number, dice):
+        blank = np.zeros((4, 4), dtype=np.uint8)
+        return _Overlay(dice, 10, patient, number, blank, blank > 0, blank > 0)
+
+    ranks = [OverlayGallery(2), OverlayGallery(2)]
+    ranks[0].add([item(49, 1, 0.9), item(49, 2, 0.1), item(49, 3, 0.5)])
+    ranks[1].add([item(50, 1, 0.8), item(50, 2, 0.0)])
+    gathered = [copy.deepcopy(ranks[0]), copy.deepcopy(ranks[1])]  # as all_gather_object gives
+    ranks[0].merge([OverlayGallery(2), *gathered])
+    assert [(i.patient, i.slice_number) for i in ranks[0].best] == [(49, 1), (50, 1)]
+    assert [(i.patient, i.slice_number) for i in ranks[0].worst] == [(50, 2), (49, 2)]
+    dice = np.array([np.nan, 0.2, 0.9, 0.5, np.nan])
+    assert OverlayGallery(1).candidates(dice, np.ones(5, int)).tolist() == [1, 2]
