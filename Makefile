@@ -44,8 +44,18 @@ demo: install
 	$(PY) -m ichseg.data.check $(DEMO_DIR)/phantom --no-progress
 	$(PY) -m ichseg.train experiment=demo data.root=$(DEMO_DIR)/phantom paths.log_dir=$(DEMO_DIR)
 
-bench: install
-	$(PY) bench/load.py
+# The benchmarks share one full-size phantom NIfTI release (75 patients, 512x512), made once.
+BENCH_PHANTOM ?= outputs/bench/phantom-nifti
+
+$(BENCH_PHANTOM):
+	$(PY) -m ichseg.data.phantom $@ --release nifti --seed 0
+
+bench: install $(BENCH_PHANTOM)
+	$(PY) bench/load.py --root $(BENCH_PHANTOM)
+	$(PY) bench/data_throughput.py --root $(BENCH_PHANTOM)
+	$(PY) bench/stitch.py
+	$(PY) bench/threshold.py --root $(BENCH_PHANTOM)
+	$(PY) bench/predict.py
 
 lint: install
 	$(PY) -m ruff check ichseg tests bench

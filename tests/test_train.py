@@ -17,7 +17,7 @@ from omegaconf import OmegaConf, open_dict
 from ichseg.errors import ConfigError
 from ichseg.train import register_resolvers, resolve_ckpt_path, train
 
-EXPERIMENTS = ["windowed", "full_slice", "demo"]
+EXPERIMENTS = ["windowed", "full_slice", "threshold", "demo"]
 TINY = [
     "data.phantom.patients=9",
     "data.k=3",
