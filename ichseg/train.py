@@ -70,7 +70,7 @@ def check_data_root(data_cfg: DictConfig) -> None:
 def checkpoint_meta(cfg: DictConfig) -> dict[str, Any]:
     """What prediction needs to rebuild the network and its inputs, as plain data."""
     data = cfg.data
-    keys = ("mode", "window", "stride", "working_size", "channels")
+    keys = ("mode", "window", "stride", "working_size", "working_mode", "channels")
     return {
         "format": "ichseg-checkpoint",
         "version": 1,

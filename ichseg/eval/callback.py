@@ -81,7 +81,7 @@ from ichseg.eval.postprocess import (
     THRESHOLD_ONLY,
     WORKING_SIZE,
     PostprocessConfig,
-    pixel_scale,
+    grid_scale,
     postprocess,
 )
 from ichseg.eval.report import (
@@ -162,24 +162,6 @@ def gather_objects(obj: Any, world_size: int) -> list[Any]:
 
 
 # --------------------------------------------------------------------------- scoring
-
-
-def grid_scale(
-    shape: Sequence[int],
-    working_size: int,
-    working_mode: str,
-    reference_size: int = WORKING_SIZE,
-) -> tuple[float, float]:
-    """Pixels of the scored (original) grid per ``reference_size`` pixel, per axis.
-
-    Morphology sizes and the detection area minimum are given at ``reference_size`` (640: the
-    paper's slices). For real data the working size is 640 and this is
-    :func:`~ichseg.eval.postprocess.pixel_scale` (NIfTI 512: 0.8; JPG crop: 1); smaller working
-    sizes (phantoms, demos) scale them further by ``working_size / reference_size``.
-    """
-    scale_h, scale_w = pixel_scale(shape, working_size, working_mode)
-    factor = float(working_size) / float(reference_size)
-    return scale_h * factor, scale_w * factor
 
 
 @dataclass
