@@ -13,11 +13,12 @@ PIP_EXTRA ?=
 DEMO_DIR ?= outputs/demo
 PYTEST_ARGS ?=
 
-.PHONY: help install test test-all demo bench lint clean
+.PHONY: help install test test-all demo cv bench lint clean
 
 help:
 	@echo "make demo      generate a phantom CT-ICH dataset and run the pipeline on it"
 	@echo "make test      run the fast tests (installs into $(VENV) first when needed)"
+	@echo "make cv        5-fold cross-validation (demo settings on the phantom by default) and its report"
 	@echo "make test-all  run every test, the slow ones included"
 	@echo "make bench     run the benchmarks under bench/"
 	@echo "make install   create $(VENV) and install ichseg with its test tools"
@@ -43,6 +44,15 @@ demo: install
 	$(PY) -m ichseg.data.phantom $(DEMO_DIR)/phantom --release nifti --patients 20 --slices 12 --size 256 --seed 0 --overwrite --no-progress
 	$(PY) -m ichseg.data.check $(DEMO_DIR)/phantom --no-progress
 	$(PY) -m ichseg.train experiment=demo data.root=$(DEMO_DIR)/phantom paths.log_dir=$(DEMO_DIR)
+
+# The whole study: the 5 CV rounds as one Hydra multirun sharing one split, then the CV report.
+# On the real data:  make cv CV_ARGS="experiment=windowed data.root=/data/ct-ich trainer=gpu"
+CV_ARGS ?= experiment=demo data.root=$(DEMO_DIR)/phantom
+CV_DIR ?= outputs/cv
+
+cv: install
+	$(PY) -m ichseg.train -m $(CV_ARGS) paths.log_dir=$(CV_DIR) data.fold=0,1,2,3,4
+	$(PY) -m ichseg.report "$$(ls -d $(CV_DIR)/train/multiruns/*/ | tail -n 1)"
 
 # The benchmarks share one full-size phantom NIfTI release (75 patients, 512x512), made once.
 BENCH_PHANTOM ?= outputs/bench/phantom-nifti
