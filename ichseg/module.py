@@ -183,16 +183,7 @@ class ICHSegmentationModule(pl.LightningModule):
         self.test_metrics.reset()
 
     def _log_overlay_grid(self) -> None:
-        every = self.image_log_every_n_epochs
-        if not every or self.current_epoch % every or self._fixed_val_batch is None:
-            return
-        experiment = getattr(self.logger, "experiment", None)
-        if not hasattr(experiment, "add_image") or self.global_rank != 0:
-            return
-        images = self._fixed_val_batch["image"].to(self.device)
-        probabilities = self.predict_probabilities(images).cpu()
-        grid = overlay_grid(images, self._fixed_val_batch["mask"], probabilities > self.threshold)
-        experiment.add_image("val/overlay (input | truth | prediction)", grid, self.global_step)
+        log_overlay_grid(self)
 
     # ------------------------------------------------------------------ optimisation
 
@@ -213,6 +204,22 @@ class ICHSegmentationModule(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.meta = dict(checkpoint.get("ichseg", {}))
+
+
+def log_overlay_grid(module: Any) -> None:
+    """Every ``image_log_every_n_epochs`` epochs, log the fixed validation batch to TensorBoard:
+    input | truth | prediction. ``module`` has ``_fixed_val_batch``, ``threshold`` and
+    ``predict_probabilities`` (the network module and the threshold baseline both do)."""
+    every = module.image_log_every_n_epochs
+    if not every or module.current_epoch % every or module._fixed_val_batch is None:
+        return
+    experiment = getattr(module.logger, "experiment", None)
+    if not hasattr(experiment, "add_image") or module.global_rank != 0:
+        return
+    images = module._fixed_val_batch["image"].to(module.device)
+    probabilities = module.predict_probabilities(images).cpu()
+    grid = overlay_grid(images, module._fixed_val_batch["mask"], probabilities > module.threshold)
+    experiment.add_image("val/overlay (input | truth | prediction)", grid, module.global_step)
 
 
 def _plain(value: Any) -> Any:

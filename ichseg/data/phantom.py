@@ -45,6 +45,11 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+from ichseg.data.ctich import (  # the official names and orders
+    LABEL_COLUMNS,
+    SUBTYPE_COLUMNS,
+    SUBTYPES,
+)
 from ichseg.errors import ConfigError, DatasetError
 
 __all__ = [
@@ -67,23 +72,6 @@ __all__ = [
 # Dataset constants (official names and orders)
 # --------------------------------------------------------------------------------------------------
 
-SUBTYPES: tuple[str, ...] = ("IVH", "IPH", "SAH", "EDH", "SDH")
-"""ICH subtypes in the label CSV's column order."""
-
-SUBTYPE_COLUMNS: tuple[str, ...] = (
-    "Intraventricular",
-    "Intraparenchymal",
-    "Subarachnoid",
-    "Epidural",
-    "Subdural",
-)
-LABEL_COLUMNS: tuple[str, ...] = (
-    "PatientNumber",
-    "SliceNumber",
-    *SUBTYPE_COLUMNS,
-    "No_Hemorrhage",
-    "Fracture_Yes_No",
-)
 NIFTI_PATIENT_IDS: tuple[int, ...] = (*range(49, 59), *range(66, 131))
 """Patient numbers of the NIfTI release, in order (059-065 are missing in the real data)."""
 

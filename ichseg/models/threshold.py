@@ -55,9 +55,8 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import BinaryF1Score, BinaryJaccardIndex
 
 from ichseg.errors import ConfigError, DatasetError
-from ichseg.module import _plain
+from ichseg.module import _plain, log_overlay_grid
 from ichseg.utils.atomic import atomic_path, atomic_write_text
-from ichseg.utils.overlay import overlay_grid
 
 __all__ = [
     "LOWER_RANGE",
@@ -936,16 +935,7 @@ class ThresholdModule(pl.LightningModule):
         self.test_metrics.reset()
 
     def _log_overlay_grid(self) -> None:
-        every = self.image_log_every_n_epochs
-        if not every or self.current_epoch % every or self._fixed_val_batch is None:
-            return
-        experiment = getattr(self.logger, "experiment", None)
-        if not hasattr(experiment, "add_image") or self.global_rank != 0:
-            return
-        images = self._fixed_val_batch["image"]
-        prediction = self.predict_probabilities(images.to(self.device)).cpu() > self.threshold
-        grid = overlay_grid(images, self._fixed_val_batch["mask"], prediction)
-        experiment.add_image("val/overlay (input | truth | prediction)", grid, self.global_step)
+        log_overlay_grid(self)
 
     # ------------------------------------------------------------------ checkpoints
 
