@@ -114,7 +114,8 @@ class ICHSegmentationModule(pl.LightningModule):
         if self.channels_last:
             self.net.to(memory_format=torch.channels_last)
         if self._compile and self._compiled_forward is None:
-            self._compiled_forward = torch.compile(self.net)
+            # not registered as a submodule: checkpoints keep the plain "net." weight names
+            object.__setattr__(self, "_compiled_forward", torch.compile(self.net))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Logits (B, 1, H, W) for images (B, C, H, W)."""

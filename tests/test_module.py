@@ -156,3 +156,25 @@ def test_test_step_logs_window_metrics(tmp_path):
     metrics = trainer(tmp_path).test(ICHSegmentationModule(Oracle()), loader(), verbose=False)[0]
     assert metrics["test/jaccard"] == pytest.approx(1.0) and metrics["test/dice"] == pytest.approx(1.0)
     assert "test/loss" in metrics
+
+
+def test_bf16_mixed_precision_trains_and_scores(tmp_path):
+    torch.manual_seed(0)
+    module = ICHSegmentationModule(UNet(base_filters=4, depth=2, norm="batch"), optimizer=partial(torch.optim.Adam, lr=3e-3))
+    fit = trainer(tmp_path, max_epochs=2, precision="bf16-mixed")
+    fit.fit(module, loader(n=8), loader(seed=1))
+    metrics = fit.validate(module, loader(seed=1), verbose=False)[0]
+    assert torch.isfinite(torch.tensor(metrics["val/loss"]))
+    assert 0.0 <= metrics["val/dice"] <= 1.0
+    assert all(p.dtype == torch.float32 for p in module.parameters())  # weights stay float32
+
+
+@pytest.mark.slow
+def test_torch_compile_gives_the_same_logits_and_plain_weight_names(tmp_path):
+    torch.manual_seed(0)
+    net = UNet(base_filters=4, depth=2).eval()
+    x = torch.rand(2, 1, 32, 32)
+    compiled = ICHSegmentationModule(net, compile=True)
+    compiled.setup("fit")
+    torch.testing.assert_close(compiled(x), net(x), rtol=1e-4, atol=1e-4)
+    assert all(key.startswith("net.") and "_orig_mod" not in key for key in compiled.state_dict())
