@@ -8,7 +8,8 @@
 ``input`` is a ``.nii`` / ``.nii.gz`` file, a folder of them, or a CT-ICH NIfTI release root (its
 ``ct_scans/``). For every scan the preprocessing stored in the checkpoint (``checkpoint["ichseg"]``,
 written by :mod:`ichseg.train`) is applied: HU -> CT windows stacked as channels (uint8, as in
-training) -> working size -> the network over every window (:func:`ichseg.eval.stitch.stitch`, or
+training) -> working size -> (2.5D checkpoints: the neighbouring slices as more channels) -> the
+network over every window (:func:`ichseg.eval.stitch.stitch`, or
 :func:`~ichseg.eval.stitch.full_slice` for full-slice checkpoints) -> stitched probabilities ->
 back to the scan's grid (:func:`~ichseg.eval.stitch.to_original_grid`) -> threshold, closing and
 opening (:func:`ichseg.eval.postprocess.postprocess`, sizes given at the paper's 640 and scaled
@@ -122,6 +123,12 @@ class Preprocessing:
     working_size: int
     channels: tuple[Any, ...]  # CT window names (or (level, width) pairs), stacked as channels
     working_mode: str = "resize"  # how scans reach the working size: "resize" (NIfTI) or "crop"
+    context_slices: int = 0  # 2.5D: neighbouring slices on each side stacked as channels
+
+    @property
+    def in_channels(self) -> int:
+        """Network input channels: ``len(channels) * (2 * context_slices + 1)``."""
+        return len(self.channels) * (2 * self.context_slices + 1)
 
     @property
     def windows_per_slice(self) -> int:
@@ -172,17 +179,23 @@ class Predictor:
         """``(N, S, S)`` float32 CPU probabilities of uint8 working-size slices ``(N, C, S, S)``.
 
         Slices go to the device in chunks (uint8, scaled there as in training); ``progress`` (a
-        tqdm bar) advances by the windows (or whole slices) of each chunk.
+        tqdm bar) advances by the windows (or whole slices) of each chunk. A 2.5D checkpoint
+        (``context_slices`` k) gets each chunk with k more slices on either side, so that its
+        slices see the same neighbours as in one pass over the whole volume.
         """
         prep = self.preprocessing
         n_slices, size = slices.shape[0], prep.working_size
         per_slice = prep.windows_per_slice
         batch = self.window_batch_size if prep.mode == "windowed" else self.slice_batch_size
         chunk = max(1, -(-batch * BATCHES_PER_CHUNK // per_slice))
+        k = prep.context_slices
         out = torch.empty((n_slices, size, size), dtype=torch.float32)
         for start in range(0, n_slices, chunk):
-            part = torch.from_numpy(slices[start : start + chunk])
+            stop = min(start + chunk, n_slices)
+            low, high = max(0, start - k), min(n_slices, stop + k)  # the chunk and its neighbours
+            part = torch.from_numpy(slices[low:high])
             images = part.to(self.device, non_blocking=True).to(torch.float32).mul_(1.0 / 255.0)
+            context = {"context_slices": k, "rows": slice(start - low, stop - low)}
             if prep.mode == "windowed":
                 probabilities = stitch(
                     self.net,
@@ -195,6 +208,7 @@ class Predictor:
                     amp_dtype=self.amp_dtype,
                     device=self.device,
                     output_device="cpu",
+                    **context,
                 )
             else:
                 probabilities = full_slice(
@@ -205,10 +219,11 @@ class Predictor:
                     amp_dtype=self.amp_dtype,
                     device=self.device,
                     output_device="cpu",
+                    **context,
                 )
-            out[start : start + len(part)] = probabilities
+            out[start:stop] = probabilities
             if progress is not None:
-                progress.update(len(part) * per_slice)
+                progress.update((stop - start) * per_slice)
         return out
 
     def probabilities(self, hu: np.ndarray, progress: Any = None) -> np.ndarray:
@@ -434,9 +449,15 @@ def preprocessing_from_meta(
             f"{source}: the window ({sizes['window']}) is larger than the working size "
             f"({sizes['working_size']})"
         )
+    context_slices = data.get("context_slices") or 0  # absent in checkpoints before 2.5D input
+    if isinstance(context_slices, bool) or not isinstance(context_slices, int) or context_slices < 0:
+        raise CheckpointError(
+            f"{source}: data.context_slices must be a non-negative integer, got {context_slices!r}"
+        )
     return Preprocessing(
-        mode, sizes["window"], sizes["stride"], sizes["working_size"], channels, working_mode
-    )
+        mode, sizes["window"], sizes["stride"], sizes["working_size"], channels, working_mode,
+        context_slices,
+    )  # fmt: skip
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -481,10 +502,12 @@ def load_predictor(
     preprocessing = preprocessing_from_meta(meta, str(path))
     net = build_net(meta.get("net"), str(path))
     expected = meta["net"].get("in_channels")
-    if isinstance(expected, int) and expected != len(preprocessing.channels):
+    if isinstance(expected, int) and expected != preprocessing.in_channels:
+        context = preprocessing.context_slices
+        slices = f" x {2 * context + 1} slices (context_slices={context})" if context else ""
         raise CheckpointError(
             f"{path}: the network takes {expected} input channel(s) but data.channels lists "
-            f"{len(preprocessing.channels)}"
+            f"{len(preprocessing.channels)}{slices}"
         )
     depth = getattr(net, "depth", None)
     side = preprocessing.window if preprocessing.mode == "windowed" else preprocessing.working_size

@@ -25,9 +25,21 @@ from ichseg.errors import ConfigError, IchsegError
 PROG = "ichseg.train"
 
 
+def input_channels(channels: Any, context_slices: Any = 0) -> int:
+    """Network input channels: one per CT window per slice of the 2.5D context,
+    ``len(channels) * (2 * context_slices + 1)``."""
+    return len(channels) * (2 * int(context_slices or 0) + 1)
+
+
 def register_resolvers() -> None:
-    """Resolvers used by the configs: ``${len:list}`` and ``${div:a,b}``."""
-    for name, function in {"len": len, "div": lambda a, b: float(a) / float(b)}.items():
+    """Resolvers used by the configs: ``${len:list}``, ``${div:a,b}`` and
+    ``${input_channels:channels,context_slices}``."""
+    resolvers = {
+        "len": len,
+        "div": lambda a, b: float(a) / float(b),
+        "input_channels": input_channels,
+    }
+    for name, function in resolvers.items():
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, function)
 
@@ -70,7 +82,7 @@ def check_data_root(data_cfg: DictConfig) -> None:
 def checkpoint_meta(cfg: DictConfig) -> dict[str, Any]:
     """What prediction needs to rebuild the network and its inputs, as plain data."""
     data = cfg.data
-    keys = ("mode", "window", "stride", "working_size", "working_mode", "channels")
+    keys = ("mode", "window", "stride", "working_size", "working_mode", "channels", "context_slices")
     return {
         "format": "ichseg-checkpoint",
         "version": 1,

@@ -601,3 +601,39 @@ def test_failed_write_leaves_nothing(phantom, checkpoint, tmp_path, monkeypatch)
     with pytest.raises(DatasetError, match="No space left"):
         predict_files(predictor, find_inputs(scan_paths(phantom)[0]), output, progress=False)
     assert files_in(output) == []
+
+
+# --------------------------------------------------------------------------- 2.5D checkpoints
+
+
+def test_context_checkpoint_predicts_like_one_pass_over_the_stacked_volume(phantom, tmp_path):
+    """Three CT windows x slices s-1..s+1 = 9 channels; chunks of one slice need their neighbours."""
+    channels = ["brain", "subdural", "bone"]
+    meta = make_meta(
+        net=dict(NET, in_channels=9), data=dict(DATA, channels=channels, context_slices=1)
+    )
+    path = tmp_path / "context.ckpt"
+    module = save_lightning_checkpoint(path, meta)
+    predictor = load_predictor(path, device="cpu", window_batch_size=2)  # one slice per chunk
+    assert predictor.preprocessing.context_slices == 1 and predictor.preprocessing.in_channels == 9
+
+    from ichseg.data.windowing import stack_windows
+
+    hu = np.asanyarray(nib.load(scan_paths(phantom)[0]).dataobj)
+    slices = np.moveaxis(stack_windows(np.moveaxis(hu, 2, 0), channels, np.uint8), 0, 1)
+    n = slices.shape[0]
+    neighbours = np.clip(np.arange(n)[:, None] + np.arange(-1, 2), 0, n - 1)
+    stacked = slices[neighbours].reshape(n, 9, 64, 64)  # the naive 2.5D volume
+    expected = stitch(module.net.eval(), torch.from_numpy(stacked).float() / 255, 32, 16)
+    got = predictor.probabilities(hu)
+    np.testing.assert_allclose(got, np.moveaxis(expected.numpy(), 0, 2), atol=1e-6)
+
+
+def test_context_checkpoint_with_the_wrong_channel_count(tmp_path, tiny_state_dict):
+    meta = make_meta(data=dict(DATA, context_slices=1))  # 1 window x 3 slices, but a 1-channel net
+    path = _save_dict(tmp_path / "c.ckpt", meta, tiny_state_dict)
+    with pytest.raises(CheckpointError, match=r"1 input channel.*context_slices=1"):
+        load_predictor(path, device="cpu")
+    bad = _save_dict(tmp_path / "d.ckpt", make_meta(data=dict(DATA, context_slices=-1)), tiny_state_dict)
+    with pytest.raises(CheckpointError, match="context_slices"):
+        load_predictor(bad, device="cpu")

@@ -152,6 +152,45 @@ def test_merge_rejects_a_patient_tested_twice_and_mixed_settings(tmp_path):
         rep.merge_folds([a, c])
 
 
+def tuned(threshold: float, postprocess: bool) -> dict:
+    """Settings of a fold whose operating point was chosen on its validation split."""
+    closing = 10 if postprocess else 0
+    return {
+        "threshold": threshold,
+        "postprocess": {**SETTINGS["postprocess"], "closing_size": closing,
+                        "opening_size": 5 if postprocess else 0},
+        "tuned_on_val": {"threshold": threshold, "postprocess": postprocess, "val_dice": 0.7},
+    }  # fmt: skip
+
+
+def test_folds_tuned_on_val_merge_each_at_its_own_operating_point(tmp_path):
+    a = write_fold(tmp_path / "a", [49, 50], fold=0, **tuned(0.5, True))
+    b = write_fold(tmp_path / "b", [51, 52, 53], fold=1, **tuned(0.9, False))
+    merged = rep.merge_folds([a, b])
+    per_patient = np.concatenate([
+        patient_metrics(hand_counts([49, 50]), 0.5, 0.0).dice,
+        patient_metrics(hand_counts([51, 52, 53]), 0.9, 0.0).dice,
+    ])  # fmt: skip
+    assert merged.tables.segmentation.dice.mean == pytest.approx(np.nanmean(per_patient))
+    assert math.isnan(merged.tables.segmentation.threshold)
+    assert merged.tables.patients.patient.tolist() == [49, 50, 51, 52, 53]
+    # Table 6 still covers every scored threshold over all folds
+    assert [row.threshold for row in merged.tables.detection] == [0.5, 0.9]
+    assert merged.settings["threshold"] is None
+    assert [c["threshold"] for c in merged.settings["tuned_on_val"]["per_fold"]] == [0.5, 0.9]
+    markdown = merged.to_markdown()
+    assert "each fold's own threshold" in markdown and "fold 1: 0.9, post-processing off" in markdown
+    json.loads(rep.dumps_json(merged.to_dict()), parse_constant=lambda c: pytest.fail(c))
+    # the same choice in every fold: an ordinary merge at that threshold
+    c = write_fold(tmp_path / "c", [51, 52, 53], fold=1, **tuned(0.5, True))
+    same = rep.merge_folds([a, c])
+    assert same.tables.segmentation.threshold == 0.5
+    # tuned and untuned folds do not mix
+    d = write_fold(tmp_path / "d", [54], fold=2)
+    with pytest.raises(ReportError, match="only some folds"):
+        rep.merge_folds([a, d])
+
+
 # --------------------------------------------------------------------------- the CLI
 
 

@@ -84,3 +84,27 @@ def test_channels_last_and_backward():
     loss = nn.functional.binary_cross_entropy_with_logits(net(x), torch.zeros(2, 1, 32, 32))
     loss.backward()
     assert all(p.grad is not None for p in net.parameters())
+
+
+def test_conv1x1_head_replaces_the_two_filter_bottleneck():
+    paper, plain = UNet(base_filters=4, depth=2), UNet(base_filters=4, depth=2, head="conv1x1")
+    assert sum(isinstance(m, nn.Conv2d) for m in plain.modules()) == (
+        sum(isinstance(m, nn.Conv2d) for m in paper.modules()) - 1
+    )
+    assert plain.head[0].kernel_size == (1, 1) and plain.head[0].in_channels == 4
+    assert plain(torch.rand(2, 1, 16, 16)).shape == (2, 1, 16, 16)
+    with pytest.raises(ValueError, match="head"):
+        UNet(head="mlp")
+
+
+def test_a_dead_paper_head_stops_every_gradient_but_the_last_bias():
+    """The paper's 2-filter ReLU: once both filters are negative everywhere the output is constant."""
+    net = UNet(base_filters=4, depth=2)
+    with torch.no_grad():
+        net.head[0].bias.fill_(-1e3)  # both ReLU inputs negative: the units are dead
+    net(torch.rand(2, 1, 16, 16)).sum().backward()
+    assert net.encoders[0][0].weight.grad.abs().sum() == 0
+    assert net.head[2].bias.grad.abs().sum() > 0
+    plain = UNet(base_filters=4, depth=2, head="conv1x1")
+    plain(torch.rand(2, 1, 16, 16)).sum().backward()
+    assert plain.encoders[0][0].weight.grad.abs().sum() > 0

@@ -13,7 +13,11 @@ Stages, in order:
    them.
 3. **Windows** (:mod:`ichseg.data.patches`): index pairs (slice, grid position) into the store;
    training windows are the positive ones plus negatives re-drawn every epoch by
-   :class:`UndersampledWindowSampler` (seeded by ``(seed, epoch)``).
+   :class:`UndersampledWindowSampler` (seeded by ``(seed, epoch)``), or, with
+   ``undersampling="oversample"``, batches with a fixed share of ICH windows from
+   :class:`OversampledWindowSampler` (nnU-Net's foreground oversampling). With
+   ``context_slices=k`` each window also carries the same window of the ``k`` neighbouring slices
+   on either side as channels (2.5D), gathered from the same store by index arithmetic.
 4. **Batches** (:class:`WindowDataset`): a batch of windows is cropped in one copy, augmented
    (:mod:`ichseg.data.augment`, training only) and returned as a dict of tensors:
 
@@ -57,19 +61,24 @@ from ichseg.data.folds import (
     save_splits,
 )
 from ichseg.data.patches import (
+    SAMPLING_RULES,
     UNDERSAMPLING_RULES,
     WindowGrid,
+    crop_context_windows,
     crop_packed_windows,
     crop_windows,
     epoch_generator,
     flat_window_ids,
+    foreground_per_batch,
     make_grid,
+    oversampled_windows,
     pack_masks,
     training_windows,
     unpack_masks,
     validation_windows,
     window_positive_counts,
 )
+from ichseg.data.patches import context_rows as clamped_context_rows
 from ichseg.data.windowing import WINDOWS, to_working_size
 from ichseg.errors import ConfigError, DatasetError
 
@@ -119,6 +128,27 @@ class SliceStore:
         self._rows = {
             int(p): slice(int(f), int(f + c)) for p, f, c in zip(ids, first, counts, strict=True)
         }
+        # first and last row of each row's patient (for neighbouring-slice context)
+        group = np.searchsorted(ids, self.patients)
+        self._first_row = first.astype(np.int64)[group]
+        self._last_row = (first + counts - 1).astype(np.int64)[group]
+
+    def context_rows(self, rows: np.ndarray, context_slices: int = 0) -> np.ndarray:
+        """``(n, 2k + 1)`` rows of slices ``s - k .. s + k`` of each row's patient (``k`` =
+        ``context_slices``), clamped at the patient's first and last slice: index arithmetic on the
+        consecutive rows of each patient, no copy of the images."""
+        rows = np.asarray(rows, dtype=np.int64)
+        return clamped_context_rows(
+            rows, context_slices, self._first_row[rows], self._last_row[rows]
+        )
+
+    def context_images(self, rows: np.ndarray, context_slices: int = 0) -> np.ndarray:
+        """``(n, (2k + 1) * C, H, W)`` uint8: the rows' slices with their neighbours as channels
+        (slice-major: all CT windows of slice ``s - k``, then of ``s - k + 1``, ...)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        neighbours = self.context_rows(rows, context_slices)
+        images = self.images[neighbours.reshape(-1)]
+        return images.reshape(rows.size, -1, *images.shape[-2:])
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -353,6 +383,9 @@ class WindowDataset(Dataset):
     ``__getitems__`` builds a whole batch at once (one crop copy, augmentation per window, one
     uint8 -> float32 conversion) and returns the batch dict; use :func:`collate_batch` as the
     loader's ``collate_fn``. ``whole_slices`` marks a one-window grid: ids report window -1.
+    ``context_slices`` ``k > 0`` gives 2.5D input: the same window of the slices ``s - k .. s + k``
+    of the patient (clamped at its first and last slice) stacked as channels, ``(2k + 1) * C`` in
+    all (slice-major), cropped from the one store by index arithmetic; the mask is slice ``s``'s.
     """
 
     def __init__(
@@ -363,12 +396,14 @@ class WindowDataset(Dataset):
         augmentation: Augmentation | None = None,
         whole_slices: bool = False,
         seed: int = 0,
+        context_slices: int = 0,
     ) -> None:
         self.store = store
         self.grid = grid
         self.ids = np.asarray(ids, dtype=np.int64)
         self.augmentation = augmentation
         self.whole_slices = whole_slices
+        self.context_slices = int(context_slices)
         self._seeded_for: tuple[int, int] | None = None
         if augmentation is not None:
             augmentation.reseed(seed)
@@ -388,11 +423,17 @@ class WindowDataset(Dataset):
     def __getitems__(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
         windows = self.windows(indices)
         rows, positions = windows[:, 0], windows[:, 1]
+        k = self.context_slices
         if self.whole_slices:
-            images = self.store.images[rows]  # (n, C, H, W) uint8
+            # (n, [2k + 1] * C, H, W) uint8
+            images = self.store.context_images(rows, k) if k else self.store.images[rows]
             masks = self.store.mask_slices(rows).view(np.uint8)  # (n, H, W)
         else:
-            images = crop_windows(self.store.images, windows, self.grid)  # (n, C, h, w) uint8
+            if k:
+                neighbours = self.store.context_rows(rows, k)  # (n, 2k + 1)
+                images = crop_context_windows(self.store.images, windows, neighbours, self.grid)
+            else:
+                images = crop_windows(self.store.images, windows, self.grid)  # (n, C, h, w) uint8
             masks = crop_packed_windows(self.store.masks, windows, self.grid)  # (n, h, w) uint8
         if self.augmentation is not None:
             images, masks = self._augment(images, masks)
@@ -498,6 +539,61 @@ class UndersampledWindowSampler(Sampler[int]):
         return self._length
 
 
+class OversampledWindowSampler(Sampler[int]):
+    """Training windows of one epoch with foreground oversampling (nnU-Net): every batch of
+    ``batch_size`` consecutive indices holds a fixed share (``foreground_fraction``, at least one
+    window) of windows with ICH, the rest ICH-free windows drawn from every training slice.
+
+    Yields dataset indices ``local_row * G + position`` as :class:`UndersampledWindowSampler` does;
+    each epoch's draw comes from ``(seed, epoch)`` (:meth:`set_epoch`; without it each new
+    iteration advances the epoch). ``batches_per_epoch`` (None: enough that every positive window
+    is seen once per epoch) fixes the length, the same every epoch. Give the DataLoader the same
+    ``batch_size`` and keep its ``drop_last`` off. Under DDP Lightning deals the indices out to the
+    ranks, so the share holds per global batch only on average.
+    """
+
+    def __init__(
+        self,
+        counts: np.ndarray,
+        batch_size: int,
+        foreground_fraction: float = 0.33,
+        seed: int = 0,
+        batches_per_epoch: int | None = None,
+    ) -> None:
+        self.counts = counts
+        self.batch_size = int(batch_size)
+        self.foreground_fraction = float(foreground_fraction)
+        self.per_batch = foreground_per_batch(self.batch_size, self.foreground_fraction)
+        if batches_per_epoch is not None and batches_per_epoch < 1:
+            raise ConfigError(f"batches_per_epoch must be positive, got {batches_per_epoch}")
+        self.batches_per_epoch = batches_per_epoch
+        self.seed = int(seed)
+        self.epoch = 0
+        self._iterated = False
+        self._length = len(self.epoch_indices(0))
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+        self._iterated = False
+
+    def epoch_indices(self, epoch: int) -> np.ndarray:
+        """The dataset indices of ``epoch``, in the order they are yielded (batch by batch)."""
+        windows = oversampled_windows(
+            self.counts, self.batch_size, self.foreground_fraction,
+            epoch_generator(self.seed, epoch), self.batches_per_epoch,
+        )  # fmt: skip
+        return flat_window_ids(windows, self.counts.shape[1])
+
+    def __iter__(self) -> Iterator[int]:
+        if self._iterated:
+            self.epoch += 1
+        self._iterated = True
+        return iter(self.epoch_indices(self.epoch).tolist())
+
+    def __len__(self) -> int:
+        return self._length
+
+
 # --------------------------------------------------------------------------- evaluation view
 
 
@@ -551,9 +647,19 @@ class CTICHDataModule(pl.LightningDataModule):
         working_size: side of the square working slices (640).
         working_mode: ``"auto"`` (NIfTI resize, JPG crop), ``"resize"`` or ``"crop"``.
         channels: CT windows stacked as channels: brain, bone, subdural (JPG: brain and bone only).
+        context_slices: 2.5D input: ``k`` neighbouring slices on each side (``s - k .. s + k`` of
+            the same patient, clamped at its ends) stacked as channels, slice-major; the network
+            takes :attr:`in_channels` ``= len(channels) * (2k + 1)``. 0: one slice (the paper).
         batch_size, num_workers: the loaders'; ``pin_memory`` None means "when CUDA is available".
-        undersampling: ``"paper"`` (one ICH-free slice per patient), ``"ratio"`` or ``"all"``.
+        undersampling: training windows: ``"paper"`` (one ICH-free slice per patient), ``"ratio"``
+            or ``"all"`` (undersampling), or ``"oversample"``: nnU-Net's foreground oversampling,
+            ``foreground_fraction`` of every batch holds ICH (also in full-slice mode, where
+            every training slice is a candidate).
         negative_ratio: negatives per positive window for ``"ratio"``.
+        foreground_fraction: share of ICH windows (slices) in each batch for ``"oversample"``
+            (nnU-Net: 0.33), at least one per batch.
+        batches_per_epoch: ``"oversample"`` epoch length in batches; None: every positive window
+            once per epoch.
         val_windows: ``"positive"`` (the paper) or ``"all"`` windows of the val slices; in
             full-slice mode ICH slices or all slices.
         train_slices: full-slice mode: ``"ich"`` (the authors' choice) or ``"all"`` slices.
@@ -578,11 +684,14 @@ class CTICHDataModule(pl.LightningDataModule):
         working_size: int = 640,
         working_mode: str = "auto",
         channels: Sequence[str] = ("brain",),
+        context_slices: int = 0,
         batch_size: int = 32,
         num_workers: int = 0,
         pin_memory: bool | None = None,
         undersampling: str = "paper",
         negative_ratio: float = 1.0,
+        foreground_fraction: float = 0.33,
+        batches_per_epoch: int | None = None,
         val_windows: Literal["positive", "all"] = "positive",
         train_slices: Literal["ich", "all"] = "ich",
         augmentation: Mapping[str, Any] | bool | None = None,
@@ -591,11 +700,18 @@ class CTICHDataModule(pl.LightningDataModule):
         super().__init__()
         if mode not in ("windowed", "full_slice"):
             raise ConfigError(f"data mode must be 'windowed' or 'full_slice', not {mode!r}")
-        if undersampling not in UNDERSAMPLING_RULES:
+        if undersampling not in SAMPLING_RULES:
             raise ConfigError(
-                f"undersampling must be one of {', '.join(UNDERSAMPLING_RULES)}, "
+                f"undersampling must be one of {', '.join(SAMPLING_RULES)}, "
                 f"not {undersampling!r}"
             )
+        if isinstance(context_slices, bool) or int(context_slices) != context_slices or context_slices < 0:
+            raise ConfigError(
+                f"context_slices must be a non-negative integer, got {context_slices!r}"
+            )
+        foreground_per_batch(int(batch_size), float(foreground_fraction))  # validates both
+        if batches_per_epoch is not None and int(batches_per_epoch) < 1:
+            raise ConfigError(f"batches_per_epoch must be positive, got {batches_per_epoch}")
         if val_windows not in ("positive", "all"):
             raise ConfigError(f"val_windows must be 'positive' or 'all', not {val_windows!r}")
         if train_slices not in ("ich", "all"):
@@ -617,11 +733,14 @@ class CTICHDataModule(pl.LightningDataModule):
         self.working_size = int(working_size)
         self.working_mode_option = working_mode
         self.channels = tuple(channels)
+        self.context_slices = int(context_slices)
         self.batch_size = int(batch_size)
         self.num_workers = int(num_workers)
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
         self.undersampling = undersampling
         self.negative_ratio = float(negative_ratio)
+        self.foreground_fraction = float(foreground_fraction)
+        self.batches_per_epoch = None if batches_per_epoch is None else int(batches_per_epoch)
         self.val_windows = val_windows
         self.train_slices = train_slices
         self.augmentation_options = augmentation
@@ -647,6 +766,11 @@ class CTICHDataModule(pl.LightningDataModule):
     @property
     def is_full_slice(self) -> bool:
         return self.mode == "full_slice"
+
+    @property
+    def in_channels(self) -> int:
+        """Input channels of the network: ``len(channels) * (2 * context_slices + 1)``."""
+        return len(self.channels) * (2 * self.context_slices + 1)
 
     def prepare_data(self) -> None:
         """Build the on-disk slice cache once (Lightning calls this on one process per node)."""
@@ -755,9 +879,27 @@ class CTICHDataModule(pl.LightningDataModule):
         return (rows[:, None] * g + np.arange(g)[None, :]).reshape(-1)
 
     def train_dataset(self) -> tuple[WindowDataset, Sampler[int]]:
-        """The training dataset and its sampler (undersampled windows, or shuffled slices)."""
+        """The training dataset and its sampler (undersampled or oversampled windows, or
+        shuffled slices)."""
         rows, counts = self.rows("train"), self.window_counts("train")
         augmentation = build_augmentation(self.augmentation_options)
+        k = self.context_slices
+        if self.undersampling == "oversample":
+            if not np.any(counts > 0):
+                raise DatasetError(
+                    f"{self.root}: the training patients of round {self.fold} have no ICH to "
+                    "oversample",
+                    self.root,
+                )
+            dataset = WindowDataset(
+                self.store, self.grid, self._all_window_ids(rows), augmentation,
+                whole_slices=self.is_full_slice, seed=self.seed, context_slices=k,
+            )  # fmt: skip
+            sampler = OversampledWindowSampler(
+                counts, self.batch_size, self.foreground_fraction, self.seed,
+                self.batches_per_epoch,
+            )  # fmt: skip
+            return dataset, sampler
         if self.is_full_slice:
             chosen = rows if self.train_slices == "all" else rows[counts[:, 0] > 0]
             if chosen.size == 0:
@@ -766,13 +908,15 @@ class CTICHDataModule(pl.LightningDataModule):
                     self.root,
                 )
             dataset = WindowDataset(
-                self.store, self.grid, chosen, augmentation, whole_slices=True, seed=self.seed
-            )
+                self.store, self.grid, chosen, augmentation, whole_slices=True, seed=self.seed,
+                context_slices=k,
+            )  # fmt: skip
             generator = torch.Generator().manual_seed(self.seed)
             return dataset, RandomSampler(dataset, generator=generator)
         dataset = WindowDataset(
-            self.store, self.grid, self._all_window_ids(rows), augmentation, seed=self.seed
-        )
+            self.store, self.grid, self._all_window_ids(rows), augmentation, seed=self.seed,
+            context_slices=k,
+        )  # fmt: skip
         sampler = UndersampledWindowSampler(
             counts, self.store.patients[rows], self.undersampling, self.negative_ratio, self.seed
         )
@@ -792,7 +936,10 @@ class CTICHDataModule(pl.LightningDataModule):
         rows, counts = self.rows(split), self.window_counts(split)
         windows = validation_windows(counts, which)
         ids = rows[windows[:, 0]] * len(self.grid) + windows[:, 1]
-        return WindowDataset(self.store, self.grid, ids, None, whole_slices=self.is_full_slice)
+        return WindowDataset(
+            self.store, self.grid, ids, None, whole_slices=self.is_full_slice,
+            context_slices=self.context_slices,
+        )  # fmt: skip
 
     def _loader(self, dataset: WindowDataset, sampler: Sampler[int]) -> DataLoader:
         return DataLoader(

@@ -17,6 +17,14 @@ epoch from a generator seeded by ``(seed, epoch)``:
 * ``ratio``: ``ratio`` x the number of positive windows, drawn without replacement from all
   ICH-free windows of the training slices;
 * ``all``: every window (no undersampling).
+
+Or, instead of undersampling, foreground OVERSAMPLING (nnU-Net): :func:`oversampled_windows` lays
+out each batch with a fixed share of ICH windows (a third) and ICH-free windows drawn from every
+slice (rule ``oversample`` of the DataModule).
+
+2.5D input: :func:`context_rows` gives the rows of the neighbouring slices ``s - k .. s + k`` of
+each slice (clamped at the volume's ends) and :func:`crop_context_windows` stacks their windows as
+channels, all by index arithmetic on the one slice array.
 """
 
 from __future__ import annotations
@@ -31,6 +39,8 @@ from ichseg.errors import ConfigError
 
 UndersamplingRule = Literal["paper", "ratio", "all"]
 UNDERSAMPLING_RULES: tuple[str, ...] = ("paper", "ratio", "all")
+#: Training-window rules of the DataModule: the undersampling rules, or foreground oversampling.
+SAMPLING_RULES: tuple[str, ...] = (*UNDERSAMPLING_RULES, "oversample")
 #: Slices per chunk when building integral images (bounds the int32 scratch memory).
 _COUNT_CHUNK = 32
 
@@ -166,6 +176,45 @@ def all_windows(n_slices: int, n_positions: int) -> np.ndarray:
     return np.stack([slice_index, position], axis=1)
 
 
+# --------------------------------------------------------------------------- 2.5D context
+
+
+def context_rows(
+    rows: np.ndarray,
+    context_slices: int,
+    first_row: np.ndarray | int,
+    last_row: np.ndarray | int,
+) -> np.ndarray:
+    """``(n, 2k + 1)`` rows ``s - k .. s + k`` around each of ``rows`` (``k = context_slices``),
+    clamped to ``[first_row, last_row]`` (per row, or one range for all): the neighbouring slices
+    of the same volume, the first and last slices repeated at the volume's ends."""
+    if isinstance(context_slices, bool) or int(context_slices) != context_slices or context_slices < 0:
+        raise ConfigError(f"context_slices must be a non-negative integer, got {context_slices!r}")
+    rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+    offsets = np.arange(-int(context_slices), int(context_slices) + 1, dtype=np.int64)
+    low = np.asarray(first_row, dtype=np.int64).reshape(-1, 1)
+    high = np.asarray(last_row, dtype=np.int64).reshape(-1, 1)
+    return np.clip(rows[:, None] + offsets[None, :], low, high)
+
+
+def crop_context_windows(
+    slices: np.ndarray, windows: np.ndarray, neighbours: np.ndarray, grid: WindowGrid
+) -> np.ndarray:
+    """A batch of 2.5D windows ``(n, (2k + 1) * C, w, w)`` from ``slices`` ``(S, C, H, W)``.
+
+    ``windows`` ``(n, 2)`` gives each window's grid position; ``neighbours`` ``(n, 2k + 1)`` the
+    rows whose window at that position is stacked as channels (:func:`context_rows`). One
+    fancy-indexing copy for the batch; channels are slice-major (all of slice ``s - k`` first).
+    """
+    windows = np.asarray(windows, dtype=np.int64).reshape(-1, 2)
+    width = neighbours.shape[1]
+    expanded = np.stack(
+        [neighbours.reshape(-1), np.repeat(windows[:, 1], width)], axis=1
+    )  # (n * (2k + 1), 2)
+    crops = crop_windows(slices, expanded, grid)  # (n * (2k + 1), C, w, w)
+    return crops.reshape(windows.shape[0], -1, grid.window, grid.window)
+
+
 # --------------------------------------------------------------------------- ICH per window
 
 
@@ -257,6 +306,75 @@ def training_windows(
     """``(n, 2)`` training windows of an epoch: all positive windows plus that epoch's negatives."""
     negatives = negative_windows(counts, slice_patients, rule, epoch_generator(seed, epoch), ratio)
     return np.concatenate([positive_windows(counts), negatives], axis=0)
+
+
+def foreground_per_batch(batch_size: int, foreground_fraction: float) -> int:
+    """ICH windows in each oversampled batch: ``round(fraction x batch)``, at least 1 (when the
+    fraction is positive) and at most the batch."""
+    if batch_size < 1:
+        raise ConfigError(f"the batch size must be positive, got {batch_size}")
+    if not 0.0 <= foreground_fraction <= 1.0:
+        raise ConfigError(
+            f"foreground_fraction must lie in [0, 1], got {foreground_fraction}"
+        )
+    if foreground_fraction == 0:
+        return 0
+    return int(min(batch_size, max(1, round(foreground_fraction * batch_size))))
+
+
+def oversampled_windows(
+    counts: np.ndarray,
+    batch_size: int,
+    foreground_fraction: float = 0.33,
+    rng: np.random.Generator | None = None,
+    n_batches: int | None = None,
+) -> np.ndarray:
+    """``(n_batches * batch_size, 2)`` windows in batch order, each batch holding a fixed share of
+    ICH windows (nnU-Net's foreground oversampling, a third of each batch).
+
+    Every batch has ``p =`` :func:`foreground_per_batch` windows with an ICH pixel and
+    ``batch_size - p`` ICH-free windows, in random order within the batch. ``n_batches`` defaults to
+    ``ceil(positives / p)``: every positive window once per epoch (the last batch topped up with
+    randomly repeated positives). The ICH-free windows are drawn from ALL ICH-free windows of
+    ``counts`` (every slice, also those next to bone), without replacement while there are enough.
+    When there are no positive (or no ICH-free) windows the batches take what exists.
+    """
+    rng = rng if rng is not None else np.random.default_rng(0)
+    flat = np.asarray(counts).reshape(-1)
+    n_positions = counts.shape[1]
+    positive = np.flatnonzero(flat > 0)
+    negative = np.flatnonzero(flat == 0)
+    per_batch = foreground_per_batch(batch_size, foreground_fraction)
+    if positive.size == 0:
+        per_batch = 0
+    if negative.size == 0:
+        per_batch = batch_size if positive.size else 0
+    if positive.size == 0 and negative.size == 0:
+        return np.empty((0, 2), dtype=np.int64)
+    if n_batches is None:
+        n_batches = -(-positive.size // per_batch) if per_batch else -(-negative.size // batch_size)
+    if n_batches < 0:
+        raise ConfigError(f"the number of batches must be non-negative, got {n_batches}")
+
+    def draw(pool: np.ndarray, size: int) -> np.ndarray:
+        """``size`` ids of ``pool``: a permutation repeated, the remainder drawn at random."""
+        if size == 0:
+            return np.empty(0, dtype=np.int64)
+        whole, rest = divmod(size, pool.size)
+        parts = [rng.permutation(pool) for _ in range(whole)]
+        parts.append(rng.choice(pool, size=rest, replace=False))
+        return np.concatenate(parts)
+
+    n_negative = batch_size - per_batch
+    batches = np.concatenate(
+        [
+            draw(positive, n_batches * per_batch).reshape(n_batches, per_batch),
+            draw(negative, n_batches * n_negative).reshape(n_batches, n_negative),
+        ],
+        axis=1,
+    )
+    batches = rng.permuted(batches, axis=1).reshape(-1)  # shuffle within each batch
+    return np.stack(np.divmod(batches, n_positions), axis=1).astype(np.int64)
 
 
 def validation_windows(

@@ -72,6 +72,8 @@ from ichseg.eval.metrics import (
     SUBTYPE_NAMES,
     EvaluationTables,
     SliceCounts,
+    Summary,
+    patient_metrics,
     score_probabilities,
     slice_dice,
     voxel_volume_ml,
@@ -95,6 +97,8 @@ from ichseg.eval.report import (
 from ichseg.eval.stitch import BLEND_MODES, full_slice, stitch, to_original_grid
 
 SPLITS: tuple[str, ...] = ("val", "test")
+#: Thresholds tried on the validation split when ``tune_on_val`` is set.
+TUNE_THRESHOLDS: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7)
 #: Columns of the per-slice label flags carried with the counts: the five subtypes, then fracture.
 FLAG_NAMES: tuple[str, ...] = (*SUBTYPE_NAMES, "fracture")
 
@@ -241,6 +245,90 @@ class ScoringOptions:
     slice_batch_size: int = 2
     amp: bool = False
     amp_dtype: torch.dtype = torch.bfloat16
+    context_slices: int = 0
+
+
+def scan_probabilities(
+    model: Callable[[torch.Tensor], torch.Tensor],
+    scan: Any,
+    options: ScoringOptions,
+    device: torch.device,
+) -> np.ndarray:
+    """``(N, H, W)`` float32 probabilities of one scan's slices on its ORIGINAL grid.
+
+    Windows stitched (or whole slices, in full-slice mode), with ``options.context_slices``
+    neighbouring slices as extra channels for 2.5D models, then resampled to the scan's grid.
+    """
+    n_slices = scan.n_slices
+    if scan.images.shape[0] != n_slices:
+        raise DatasetError(
+            f"patient {scan.patient_id}: {scan.images.shape[0]} working-size slices but "
+            f"{n_slices} mask slices"
+        )
+    # one copy of the patient's uint8 slices (the store may be a read-only memory map)
+    images = torch.from_numpy(np.array(scan.images, dtype=np.uint8, order="C"))
+    images = images.to(device, non_blocking=True).to(torch.float32).div_(255.0)
+    common = {
+        "amp": options.amp, "amp_dtype": options.amp_dtype, "device": device,
+        "context_slices": options.context_slices,
+    }  # fmt: skip
+    if options.mode == "full_slice":
+        maps = full_slice(model, images, batch_size=options.slice_batch_size, **common)
+    else:
+        maps = stitch(
+            model, images, options.window, options.stride,
+            window_batch_size=options.window_batch_size, mode=options.blend_mode,  # type: ignore[arg-type]
+            sigma_scale=options.sigma_scale, **common,
+        )  # fmt: skip
+    del images
+    return to_original_grid(maps, scan.original_shape, scan.working_mode)
+
+
+def _patient_facts(scan: Any) -> tuple[np.ndarray, PatientInfo]:
+    """Per-slice label flags ``(N, 6)`` and the patient's :class:`PatientInfo`."""
+    labels = scan.labels
+    flags = np.concatenate([labels.subtypes, labels.fracture[:, None]], axis=1)
+    subtypes = tuple(n for n, f in zip(SUBTYPE_NAMES, labels.patient_subtypes(), strict=True) if f)
+    demographics = scan.demographics
+    info = PatientInfo(
+        patient=int(scan.patient_id),
+        age=None if demographics is None else demographics.age,
+        gender=None if demographics is None else demographics.gender,
+        subtypes=subtypes,
+    )
+    return flags, info
+
+
+def _count_scan(
+    native: np.ndarray, scan: Any, options: ScoringOptions, config: PostprocessConfig
+) -> SliceCounts:
+    """Slice counts of original-grid probabilities at every threshold with ``config``'s
+    morphology (sizes at ``options.reference_size``)."""
+    shape = scan.original_shape
+    truth = np.moveaxis(np.asarray(scan.mask, dtype=bool), -1, 0)  # (N, H, W)
+    scale = grid_scale(shape, scan.images.shape[-1], scan.working_mode, options.reference_size)
+    voxel_ml = math.nan if scan.spacing is None else voxel_volume_ml(scan.spacing)
+    return score_probabilities(
+        native, truth, scan.patient_id, np.arange(1, scan.n_slices + 1), options.thresholds,
+        config, scale, voxel_ml,
+    )  # fmt: skip
+
+
+def score_scan_variants(
+    model: Callable[[torch.Tensor], torch.Tensor],
+    scan: Any,
+    options: ScoringOptions,
+    device: torch.device,
+    configs: Sequence[PostprocessConfig],
+) -> list[ShardResult]:
+    """One scan predicted ONCE and counted under each post-processing of ``configs`` (each at
+    every threshold of ``options``): one :class:`ShardResult` per config."""
+    native = scan_probabilities(model, scan, options, device)
+    flags, info = _patient_facts(scan)
+    return [
+        ShardResult(_count_scan(native, scan, options, config), {info.patient: info}, flags)
+        for config in configs
+    ]
 
 
 def score_scan(
@@ -256,49 +344,18 @@ def score_scan(
     Returns the slice counts (slices numbered from 1, as in the label CSV), the patient's facts
     and per-slice label flags; offers the patient's best / worst ICH slices to ``gallery``.
     """
-    n_slices = scan.n_slices
-    if scan.images.shape[0] != n_slices:
-        raise DatasetError(
-            f"patient {scan.patient_id}: {scan.images.shape[0]} working-size slices but "
-            f"{n_slices} mask slices"
-        )
-    # one copy of the patient's uint8 slices (the store may be a read-only memory map)
-    images = torch.from_numpy(np.array(scan.images, dtype=np.uint8, order="C"))
-    images = images.to(device, non_blocking=True).to(torch.float32).div_(255.0)
-    common = {"amp": options.amp, "amp_dtype": options.amp_dtype, "device": device}
-    if options.mode == "full_slice":
-        maps = full_slice(model, images, batch_size=options.slice_batch_size, **common)
-    else:
-        maps = stitch(
-            model, images, options.window, options.stride,
-            window_batch_size=options.window_batch_size, mode=options.blend_mode,  # type: ignore[arg-type]
-            sigma_scale=options.sigma_scale, **common,
-        )  # fmt: skip
-    del images
-    shape = scan.original_shape
-    native = to_original_grid(maps, shape, scan.working_mode)  # (N, H, W) float32 numpy
-    del maps
-    truth = np.moveaxis(np.asarray(scan.mask, dtype=bool), -1, 0)  # (N, H, W)
-    scale = grid_scale(shape, scan.images.shape[-1], scan.working_mode, options.reference_size)
-    voxel_ml = math.nan if scan.spacing is None else voxel_volume_ml(scan.spacing)
-    counts = score_probabilities(
-        native, truth, scan.patient_id, np.arange(1, n_slices + 1), options.thresholds,
-        options.postprocess, scale, voxel_ml,
-    )  # fmt: skip
-    labels = scan.labels
-    flags = np.concatenate([labels.subtypes, labels.fracture[:, None]], axis=1)
-    subtypes = tuple(n for n, f in zip(SUBTYPE_NAMES, labels.patient_subtypes(), strict=True) if f)
-    demographics = scan.demographics
-    info = PatientInfo(
-        patient=int(scan.patient_id),
-        age=None if demographics is None else demographics.age,
-        gender=None if demographics is None else demographics.gender,
-        subtypes=subtypes,
-    )
+    native = scan_probabilities(model, scan, options, device)  # (N, H, W) float32 numpy
+    counts = _count_scan(native, scan, options, options.postprocess)
+    flags, info = _patient_facts(scan)
     if gallery is not None and gallery.n > 0:
         dice = slice_dice(counts, threshold)
         rows = gallery.candidates(dice, counts.gt_pixels)
         if rows.size:
+            shape = scan.original_shape
+            truth = np.moveaxis(np.asarray(scan.mask, dtype=bool), -1, 0)  # (N, H, W)
+            scale = grid_scale(
+                shape, scan.images.shape[-1], scan.working_mode, options.reference_size
+            )
             predicted = postprocess(native[rows], options.postprocess.with_threshold(threshold),
                                     scale)  # fmt: skip
             shown = to_original_grid(scan.images[rows, :1].astype(np.float32), shape,
@@ -324,6 +381,92 @@ def score_scans(
         score_scan(model, scan, options, torch.device(device), threshold, gallery) for scan in scans
     ]
     return merge_shards(parts) if parts else ShardResult.empty(options.thresholds)
+
+
+def score_scans_variants(
+    model: Callable[[torch.Tensor], torch.Tensor],
+    scans: Iterable[Any],
+    options: ScoringOptions,
+    configs: Sequence[PostprocessConfig],
+    device: torch.device | str = "cpu",
+) -> list[ShardResult]:
+    """:func:`score_scan_variants` for each scan in turn, merged per config."""
+    per_scan = [
+        score_scan_variants(model, scan, options, torch.device(device), configs) for scan in scans
+    ]
+    if not per_scan:
+        return [ShardResult.empty(options.thresholds) for _ in configs]
+    return [merge_shards([parts[i] for parts in per_scan]) for i in range(len(configs))]
+
+
+# --------------------------------------------------------------------------- tuning on val
+
+
+@dataclass(frozen=True)
+class TuningChoice:
+    """The threshold and post-processing picked on the validation split, and the grid scored.
+
+    ``grid`` rows: ``{"threshold", "postprocess" (bool), "dice"}`` with the paper's Dice on val
+    (NaN when val has no patient with ICH).
+    """
+
+    threshold: float
+    postprocess: bool
+    dice: float
+    grid: tuple[dict[str, Any], ...]
+    patients: tuple[int, ...]
+    fallback: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "split": "val",
+            "rule": "highest paper Dice on val; ties: without post-processing, then the threshold "
+            "closest to the configured one",
+            "threshold": self.threshold,
+            "postprocess": self.postprocess,
+            "val_dice": self.dice,
+            "fallback": self.fallback,
+            "patients": list(self.patients),
+            "grid": [dict(row) for row in self.grid],
+        }
+
+
+def choose_on_validation(
+    results: Mapping[bool, ShardResult],
+    thresholds: Sequence[float],
+    default_threshold: float,
+    default_postprocess: bool,
+    min_area: float = PAPER_MIN_AREA,
+) -> TuningChoice:
+    """Pick threshold and post-processing (on / off) by the paper's Dice over the val patients.
+
+    ``results`` maps "post-processing on?" to the val counts under it (at every threshold of
+    ``thresholds``). nnU-Net's rule: post-processing is kept only when it improves the validation
+    Dice, so ties go to "off", then to the threshold closest to ``default_threshold``. Without a
+    val patient with ICH nothing can be chosen: the defaults are kept (``fallback``).
+    """
+    grid = []
+    for enabled, result in results.items():
+        for level in thresholds:
+            dice = segmentation_dice(result.counts, level, min_area)
+            grid.append({"threshold": float(level), "postprocess": bool(enabled), "dice": dice})
+    patients = tuple(sorted(int(p) for r in results.values() for p in r.patients))
+    patients = tuple(dict.fromkeys(patients))
+    defined = [row for row in grid if math.isfinite(row["dice"])]
+    if not defined:
+        return TuningChoice(float(default_threshold), bool(default_postprocess), math.nan,
+                            tuple(grid), patients, fallback=True)  # fmt: skip
+    best = min(
+        defined,
+        key=lambda row: (-row["dice"], row["postprocess"],
+                         abs(row["threshold"] - default_threshold), row["threshold"]),
+    )  # fmt: skip
+    return TuningChoice(best["threshold"], best["postprocess"], best["dice"], tuple(grid), patients)
+
+
+def segmentation_dice(counts: SliceCounts, threshold: float, min_area: float) -> float:
+    """The paper's Dice (mean over patients with ICH of their mean ICH-slice Dice)."""
+    return float(Summary.of(patient_metrics(counts, threshold, min_area).dice).mean)
 
 
 def scalar_metrics(tables: EvaluationTables, prefix: str) -> dict[str, float]:
@@ -400,6 +543,14 @@ class StitchedEvaluation(pl.Callback):
         log_tables: log the markdown tables to TensorBoard as text.
         n_overlays: best and worst ICH slices shown as TensorBoard images (0: none).
         amp: autocast the forward pass on CUDA; ``"auto"`` follows the trainer's precision.
+        tune_on_val: at test time, first score the VAL split at every threshold of
+            ``tune_thresholds`` with and without the post-processing, pick the pair with the
+            highest paper Dice on val (ties: without post-processing, as nnU-Net keeps it only
+            when it helps; then the threshold closest to ``threshold``) and apply it to every
+            split scored; the choice and the grid go into the report (``settings.tuned_on_val``)
+            and the logs (``val/tuned_threshold``, ``val/tuned_postprocess``,
+            ``val/tuned_dice``). The test split never influences the choice.
+        tune_thresholds: the thresholds tried on val (default 0.3 ... 0.7).
     """
 
     def __init__(
@@ -419,6 +570,8 @@ class StitchedEvaluation(pl.Callback):
         log_tables: bool = True,
         n_overlays: int = 4,
         amp: bool | str = "auto",
+        tune_on_val: bool = False,
+        tune_thresholds: Sequence[float] = TUNE_THRESHOLDS,
     ) -> None:
         super().__init__()
         self.splits = tuple(str(s) for s in ([splits] if isinstance(splits, str) else splits))
@@ -449,6 +602,9 @@ class StitchedEvaluation(pl.Callback):
             )
         if amp not in (True, False, "auto"):
             raise ConfigError(f"amp must be true, false or 'auto', not {amp!r}")
+        tune_levels = [float(t) for t in tune_thresholds]
+        if not tune_levels or any(not 0.0 <= t <= 1.0 for t in tune_levels):
+            raise ConfigError(f"tune_thresholds must be probabilities in [0, 1], got {tune_levels}")
         self.every_n_val_epochs = int(every_n_val_epochs)
         self.thresholds = tuple(sorted(set(levels)))
         self.threshold = None if threshold is None else float(threshold)
@@ -463,8 +619,13 @@ class StitchedEvaluation(pl.Callback):
         self.log_tables = bool(log_tables)
         self.n_overlays = int(n_overlays)
         self.amp = amp
+        self.tune_on_val = bool(tune_on_val)
+        self.tune_thresholds = tuple(sorted(set(tune_levels)))
         #: The last evaluation of each split: ``{split: (ShardResult, EvaluationTables)}``.
         self.results: dict[str, tuple[ShardResult, EvaluationTables]] = {}
+        #: The last choice made on val (``tune_on_val``), or None.
+        self.tuning: TuningChoice | None = None
+        self._applied: TuningChoice | None = None
         self._gallery: OverlayGallery | None = None
 
     # ------------------------------------------------------------------ hooks
@@ -487,15 +648,77 @@ class StitchedEvaluation(pl.Callback):
             self._run(trainer, pl_module, "val", write=False)
 
     def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        for split in self.splits:
-            self._run(trainer, pl_module, split, write=True)
+        if self.tune_on_val:
+            self.tuning = self.tune(trainer, pl_module)
+            self._applied = self.tuning
+            choice = self.tuning
+            for name, value in (("threshold", choice.threshold),
+                                ("postprocess", float(choice.postprocess)),
+                                ("dice", choice.dice)):  # fmt: skip
+                pl_module.log(f"val/tuned_{name}", value, on_step=False, on_epoch=True,
+                              sync_dist=False)  # fmt: skip
+        try:
+            for split in self.splits:
+                self._run(trainer, pl_module, split, write=True)
+        finally:
+            self._applied = None
 
     # ------------------------------------------------------------------ evaluation
 
     def main_threshold(self, pl_module: pl.LightningModule) -> float:
+        if self._applied is not None:
+            return self._applied.threshold
         if self.threshold is not None:
             return self.threshold
         return float(getattr(pl_module, "threshold", 0.5))
+
+    @property
+    def postprocess_off(self) -> PostprocessConfig:
+        """The configured post-processing without its morphology (threshold only)."""
+        post = self.postprocess
+        return PostprocessConfig(
+            closing_size=0, opening_size=0, order=post.order, convention=post.convention
+        )
+
+    def active_postprocess(self) -> PostprocessConfig:
+        """The post-processing in use: the configured one, or "off" when tuning on val chose so."""
+        if self._applied is not None and not self._applied.postprocess:
+            return self.postprocess_off
+        return self.postprocess
+
+    def tune(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> TuningChoice:
+        """Score the val split over ``tune_thresholds`` x post-processing on / off and choose
+        (:func:`choose_on_validation`); every rank gets the same choice."""
+        datamodule = trainer.datamodule
+        default = self.main_threshold(pl_module)
+        options = self.scoring_options(trainer, datamodule, default)
+        options.thresholds = self.tune_thresholds
+        has_morphology = bool(self.postprocess.steps(1.0))
+        variants = {False: self.postprocess_off}
+        if has_morphology:
+            variants[True] = self.postprocess
+        members = list(datamodule.cv_round.patients("val"))
+        mine = shard_patients(members, trainer.global_rank, trainer.world_size)
+        dtype = next(
+            (p.dtype for p in pl_module.parameters() if p.is_floating_point()), torch.float32
+        )
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            local = score_scans_variants(
+                _cast_inputs(pl_module, dtype), datamodule.eval_scans("val", patients=mine),
+                options, list(variants.values()), pl_module.device,
+            )  # fmt: skip
+        finally:
+            pl_module.train(was_training)
+        gathered = gather_objects(local, trainer.world_size)
+        merged = {
+            enabled: merge_shards([parts[i] for parts in gathered])
+            for i, enabled in enumerate(variants)
+        }
+        return choose_on_validation(
+            merged, self.tune_thresholds, default, has_morphology, self.min_area
+        )
 
     def scoring_options(
         self, trainer: pl.Trainer, datamodule: Any, threshold: float
@@ -504,9 +727,12 @@ class StitchedEvaluation(pl.Callback):
         precision = str(getattr(trainer, "precision", "32-true"))
         amp = self.amp if self.amp != "auto" else precision in ("bf16-mixed", "16-mixed")
         grid = getattr(datamodule, "grid", None)
+        levels = {*self.thresholds, threshold}
+        if self._applied is not None:  # the same columns in every fold, whatever each one chose
+            levels |= set(self.tune_thresholds)
         return ScoringOptions(
-            thresholds=tuple(sorted({*self.thresholds, threshold})),
-            postprocess=self.postprocess,
+            thresholds=tuple(sorted(levels)),
+            postprocess=self.active_postprocess(),
             reference_size=self.reference_size,
             mode=str(getattr(datamodule, "mode", "windowed")),
             window=int(grid.window) if grid is not None else 160,
@@ -517,14 +743,15 @@ class StitchedEvaluation(pl.Callback):
             slice_batch_size=self.slice_batch_size,
             amp=bool(amp),
             amp_dtype=torch.float16 if precision.startswith("16") else torch.bfloat16,
+            context_slices=int(getattr(datamodule, "context_slices", 0) or 0),
         )
 
     def settings(
         self, options: ScoringOptions, threshold: float, working_size: int | None
     ) -> dict[str, Any]:
         """What the report states about how it was computed."""
-        post = self.postprocess
-        return {
+        post = options.postprocess
+        settings = {
             "threshold": threshold,
             "thresholds": list(options.thresholds),
             "min_area": self.min_area,
@@ -540,7 +767,11 @@ class StitchedEvaluation(pl.Callback):
             "stride": options.stride,
             "working_size": working_size,
             "blend_mode": options.blend_mode,
+            "context_slices": options.context_slices,
         }
+        if self._applied is not None:
+            settings["tuned_on_val"] = self._applied.to_dict()
+        return settings
 
     def evaluate(
         self,

@@ -750,3 +750,69 @@ def evaluation_tables(
         volume=volume_table(per_patient),
         patients=per_patient,
     )
+
+
+def concatenate_patient_metrics(parts: Sequence[PatientMetrics]) -> PatientMetrics:
+    """The rows of several :class:`PatientMetrics` (disjoint patients) as one, sorted by patient.
+
+    The threshold is kept when all parts share it, NaN otherwise (each part at its own).
+    """
+    if not parts:
+        raise ConfigError("nothing to concatenate: no patient metrics given")
+    levels = {float(p.threshold) for p in parts}
+    names = ("patient", "n_slices", "n_positive_slices", "dice", "jaccard", "dice_3d",
+             "sensitivity", "specificity", "true_ml", "predicted_ml")  # fmt: skip
+    arrays = {name: np.concatenate([getattr(p, name) for p in parts]) for name in names}
+    order = np.argsort(arrays["patient"], kind="stable")
+    return PatientMetrics(
+        threshold=levels.pop() if len(levels) == 1 else math.nan,
+        min_area=float(parts[0].min_area),
+        **{name: values[order] for name, values in arrays.items()},
+    )
+
+
+def operating_point_tables(
+    parts: Sequence[tuple[SliceCounts, float]],
+    min_area: float = PAPER_MIN_AREA,
+    patient_subtypes: Mapping[int, Iterable[str] | np.ndarray] | None = None,
+    ages: Mapping[int, float | None] | None = None,
+) -> EvaluationTables:
+    """All tables of several evaluations (e.g. test folds) each at ITS OWN threshold.
+
+    ``parts`` holds ``(counts, threshold)`` per evaluation (disjoint patients, the same threshold
+    columns), e.g. folds whose operating point was chosen on their own validation split. Table 5,
+    the per-patient, subtype, age and volume tables use each part's counts at its threshold
+    (their ``threshold`` is NaN when the parts differ); the pooled detection of Table 5 sums the
+    parts' confusion counts at their thresholds; Table 6 is computed over all parts at every
+    threshold of the counts.
+    """
+    if not parts:
+        raise ConfigError("no evaluations to combine")
+    per_patient = concatenate_patient_metrics(
+        [patient_metrics(counts, level, min_area) for counts, level in parts]
+    )
+    scores = [detection_scores(counts, level, min_area) for counts, level in parts]
+    threshold = per_patient.threshold
+    pooled = DetectionScores(
+        threshold, float(min_area), *(sum(getattr(s, k) for s in scores) for k in ("tp", "fp", "tn", "fn"))
+    )
+    segmentation = SegmentationTable(
+        threshold=threshold,
+        min_area=float(min_area),
+        jaccard=Summary.of(per_patient.jaccard),
+        dice=Summary.of(per_patient.dice),
+        sensitivity=Summary.of(per_patient.sensitivity),
+        specificity=Summary.of(per_patient.specificity),
+        pooled=pooled,
+    )
+    merged = SliceCounts.concatenate([counts for counts, _ in parts])
+    return EvaluationTables(
+        segmentation=segmentation,
+        detection=detection_table(merged, None, min_area),
+        subtype_dice=group_summaries(per_patient, subtype_groups(patient_subtypes))
+        if patient_subtypes
+        else {},
+        age_dice=group_summaries(per_patient, age_groups(ages)) if ages else {},
+        volume=volume_table(per_patient),
+        patients=per_patient,
+    )

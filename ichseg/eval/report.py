@@ -44,6 +44,7 @@ from ichseg.eval.metrics import (
     SliceCounts,
     Summary,
     evaluation_tables,
+    operating_point_tables,
     predicted_positive,
     slice_dice,
     slice_jaccard,
@@ -127,6 +128,24 @@ def compute_tables(
     return evaluation_tables(
         counts,
         threshold=threshold,
+        min_area=min_area,
+        patient_subtypes=subtypes if subtypes else None,
+        ages=ages if any(a is not None for a in ages.values()) else None,
+    )
+
+
+def compute_operating_point_tables(
+    parts: Sequence[tuple[SliceCounts, float]],
+    patients: Mapping[int, PatientInfo] | None = None,
+    min_area: float = PAPER_MIN_AREA,
+) -> EvaluationTables:
+    """:func:`~ichseg.eval.metrics.operating_point_tables` (each part at its own threshold) with
+    subtypes and ages from ``patients``."""
+    patients = patients or {}
+    subtypes = {p: list(info.subtypes) for p, info in patients.items()}
+    ages = {p: info.age for p, info in patients.items()}
+    return operating_point_tables(
+        parts,
         min_area=min_area,
         patient_subtypes=subtypes if subtypes else None,
         ages=ages if any(a is not None for a in ages.values()) else None,
@@ -267,13 +286,20 @@ def _table5_markdown(tables: EvaluationTables) -> str:
               "paper mean", "paper std", "paper min", "paper max"]  # fmt: skip
     pooled = tables.segmentation.pooled
     note = (
-        f"Pooled over all {pooled.n} slices at {pooled.threshold:g}: sensitivity "
+        f"Pooled over all {pooled.n} slices at {_threshold_text(pooled.threshold)}: sensitivity "
         f"{_number(pooled.sensitivity, 'percent')} %, specificity "
         f"{_number(pooled.specificity, 'percent')} %, accuracy "
         f"{_number(pooled.accuracy, 'percent')} % (TP {pooled.tp}, FP {pooled.fp}, "
         f"TN {pooled.tn}, FN {pooled.fn})."
     )
     return markdown_table(header, cells) + "\n\n" + note
+
+
+def _threshold_text(threshold: float) -> str:
+    """"threshold 0.5", or, for folds each at its own val-tuned threshold, saying so."""
+    if threshold is None or not math.isfinite(threshold):
+        return "each fold's own threshold (chosen on its validation split)"
+    return f"threshold {threshold:g}"
 
 
 def _table6_markdown(tables: EvaluationTables) -> str:
@@ -335,7 +361,7 @@ def _patients_markdown(tables: EvaluationTables, patients: Mapping[int, PatientI
 def settings_lines(settings: Mapping[str, Any]) -> list[str]:
     """Bullet lines stating how the numbers were obtained (threshold, area minimum, morphology)."""
     lines = []
-    if "threshold" in settings:
+    if settings.get("threshold") is not None:
         lines.append(f"- probability threshold (Tables 5, subtype, age, volume): "
                      f"{settings['threshold']:g}")  # fmt: skip
     if "thresholds" in settings:
@@ -369,6 +395,30 @@ def settings_lines(settings: Mapping[str, Any]) -> list[str]:
                 f"{settings.get('stride')}, {settings.get('blend_mode', 'constant')} averaging, "
                 f"working size {settings.get('working_size')}"
             )
+    if settings.get("context_slices"):
+        k = int(settings["context_slices"])
+        lines.append(f"- 2.5D input: {k} neighbouring slice(s) on each side stacked as channels")
+    tuned = settings.get("tuned_on_val")
+    if isinstance(tuned, Mapping) and "per_fold" in tuned:
+        choices = "; ".join(
+            f"fold {c.get('fold')}: {c.get('threshold'):g}, post-processing "
+            f"{'on' if c.get('postprocess') else 'off'}"
+            for c in tuned["per_fold"]
+        )
+        lines.append(f"- threshold and post-processing chosen on each fold's validation split, "
+                     f"each fold scored at its own ({choices})")  # fmt: skip
+    elif isinstance(tuned, Mapping):
+        dice = tuned.get("val_dice")
+        if tuned.get("fallback"):
+            lines.append("- threshold and post-processing tuned on the validation split: no val "
+                         "patient with ICH, the configured ones were kept")  # fmt: skip
+        else:
+            lines.append(
+                f"- threshold and post-processing tuned on the validation split: "
+                f"{tuned.get('threshold'):g}, post-processing "
+                f"{'on' if tuned.get('postprocess') else 'off'} (val Dice {_number(dice)}, "
+                f"{len(tuned.get('grid') or [])} settings tried); the test split played no part"
+            )
     lines.append("- scored on each scan's original grid; Dice / Jaccard only on slices with ICH, "
                  "averaged per patient, then over patients (population std)")  # fmt: skip
     return lines
@@ -391,7 +441,7 @@ def tables_markdown(
         "",
         "Paper: Hssayeni et al. 2020, windowed U-Net, union of the 5 test folds.",
         "",
-        f"## Table 5: segmentation at threshold {tables.segmentation.threshold:g}",
+        f"## Table 5: segmentation at {_threshold_text(tables.segmentation.threshold)}",
         "",
         _table5_markdown(tables),
         "",
@@ -736,13 +786,28 @@ def merge_folds(run_dirs: Sequence[str | os.PathLike[str]]) -> CrossValidationRe
     Raises :class:`ReportError` when a folder holds no readable evaluation, when a patient is
     tested in two folders (e.g. two runs of the same fold) or when the folds were scored with
     different thresholds, area minimum or post-processing.
+
+    Folds whose threshold and post-processing were chosen on their own validation split
+    (``settings.tuned_on_val``, all folds or none) may differ in both: every table is then
+    computed with each fold at its own operating point (:func:`operating_point_tables`; Table 6
+    over every scored threshold, each fold with its own post-processing) and the settings list the
+    choice of each fold.
     """
     if not run_dirs:
         raise ReportError("no fold results to merge")
     results = [load_fold(d) for d in run_dirs]
     first = results[0]
+    tuned = [bool(r.settings.get("tuned_on_val")) for r in results]
+    if any(tuned) and not all(tuned):
+        odd = results[tuned.index(not tuned[0])]
+        raise ReportError(
+            f"{odd.directory} and {first.directory}: only some folds chose their threshold and "
+            "post-processing on the validation split; evaluate all folds alike",
+            odd.directory,
+        )
+    keys = [k for k in MERGE_KEYS if k not in ("threshold", "postprocess")] if all(tuned) else MERGE_KEYS
     for result in results[1:]:
-        for key in MERGE_KEYS:
+        for key in keys:
             if json_safe(result.settings.get(key)) != json_safe(first.settings.get(key)):
                 raise ReportError(
                     f"{result.directory} and {first.directory} were evaluated with different "
@@ -768,11 +833,26 @@ def merge_folds(run_dirs: Sequence[str | os.PathLike[str]]) -> CrossValidationRe
     for result in results:
         patients.update(result.patients)
     patients = {p: patients[p] for p in owner}
-    tables = compute_tables(counts, patients, first.threshold, first.min_area)
+    settings = {key: first.settings[key] for key in first.settings if key != "fold"}
+    points = {(r.threshold, json.dumps(json_safe(r.settings.get("postprocess")))) for r in results}
+    if all(tuned) and len(points) > 1:
+        tables = compute_operating_point_tables(
+            [(r.counts, r.threshold) for r in results], patients, first.min_area
+        )
+        settings["threshold"] = None
+        settings["postprocess"] = None
+        settings["tuned_on_val"] = {
+            "per_fold": [
+                {"fold": r.fold, **{k: r.settings["tuned_on_val"].get(k)
+                                    for k in ("threshold", "postprocess", "val_dice")}}
+                for r in results
+            ]
+        }  # fmt: skip
+    else:
+        tables = compute_tables(counts, patients, first.threshold, first.min_area)
     folds = {r.fold for r in results if r.fold is not None}
     ks = {r.k for r in results if r.k is not None}
     missing = sorted(set(range(ks.pop())) - folds) if len(ks) == 1 and folds else []
-    settings = {key: first.settings[key] for key in first.settings if key != "fold"}
     return CrossValidationReport(
         tables=tables,
         folds=[fold_summary(r) for r in results],

@@ -28,6 +28,12 @@ grid (scan interval ``int(160 * 0.5) = 80``, last window flush with the edge) an
 average: given a predictor that returns probabilities, both agree to float32 rounding
 (``tests/test_stitch.py``).
 
+2.5D models (``context_slices=k``) take the same window of the slices ``s - k .. s + k`` as channels
+(slice-major, the volume's first and last slices repeated at its ends, as in training): the input
+indices of a window then come from ``2k + 1`` slice planes of the same flattened volume, so no
+context-stacked copy of the volume is made. ``rows`` restricts the output to some slices (their
+neighbours are still read), so a caller can predict a long volume in chunks.
+
 :func:`full_slice` runs the model on whole slices (the paper's full-slice experiment) and returns
 the same format. :func:`to_original_grid` resamples a stitched map back to the scan's own grid with
 :func:`ichseg.data.windowing.from_working_size`.
@@ -180,6 +186,32 @@ def _probabilities(
 # --------------------------------------------------------------------------- stitching
 
 
+def _row_range(rows: slice | None, n_slices: int) -> tuple[int, int]:
+    """``(first, stop)`` of the slices to predict: ``rows`` (step 1) within ``0 .. n_slices``."""
+    if rows is None:
+        return 0, n_slices
+    first, stop, step = rows.indices(n_slices)
+    if step != 1:
+        raise ConfigError(f"rows must be a contiguous slice (step 1), got {rows}")
+    return first, max(first, stop)
+
+
+def context_index(
+    slice_ids: torch.Tensor, context_slices: int, n_slices: int
+) -> torch.Tensor:
+    """``(n, 2k + 1)``: slices ``s - k .. s + k`` around each of ``slice_ids`` (``k`` =
+    ``context_slices``), clamped to ``0 .. n_slices - 1`` (one volume: its ends repeated).
+
+    The same rule as the training data's :func:`ichseg.data.patches.context_rows`.
+    """
+    if context_slices < 0:
+        raise ConfigError(f"context_slices must be a non-negative integer, got {context_slices}")
+    offsets = torch.arange(
+        -context_slices, context_slices + 1, device=slice_ids.device, dtype=slice_ids.dtype
+    )
+    return (slice_ids[:, None] + offsets[None, :]).clamp_(0, n_slices - 1)
+
+
 def stitch(
     model: Model,
     slices: torch.Tensor | np.ndarray,
@@ -192,20 +224,30 @@ def stitch(
     amp_dtype: torch.dtype = torch.bfloat16,
     device: torch.device | str | None = None,
     output_device: torch.device | str | None = None,
+    context_slices: int = 0,
+    rows: slice | None = None,
 ) -> torch.Tensor:
     """Probability maps ``(B, H, W)`` float32 of full slices ``(B, C, H, W)`` from a window model.
 
-    ``model`` maps ``(N, C, window, window)`` to logits ``(N, 1, window, window)``; it runs on
+    ``model`` maps ``(N, C', window, window)`` to logits ``(N, 1, window, window)``; it runs on
     ``device`` (default: the device of its parameters, else that of ``slices``),
     ``window_batch_size`` windows at a time, under ``torch.inference_mode``, in eval mode
     (restored afterwards), with autocast to ``amp_dtype`` when ``amp`` is set and the device is
     CUDA. Overlapping window probabilities are averaged with ``mode`` weights (module docstring).
     The result is on ``output_device`` (default: the device of ``slices``).
+
+    ``slices`` is one volume's slices in order. With ``context_slices`` ``k > 0`` (2.5D models)
+    each window's input also holds the same window of slices ``s - k .. s + k`` (clamped to the
+    volume's ends), stacked slice-major: ``C' = (2k + 1) C``, gathered by index arithmetic from
+    the one copy of ``slices``. ``rows`` (a step-1 ``slice``) predicts only those slices (their
+    neighbours are still read from all of ``slices``): the output is then ``(len(rows), H, W)``.
     """
     source = _as_slices(slices)
     if window_batch_size < 1:
         raise ConfigError(f"window_batch_size must be at least 1, got {window_batch_size}")
     n_slices, n_channels, height, width = source.shape
+    first, stop = _row_range(rows, n_slices)
+    n_out = stop - first
     grid = make_grid((height, width), window, stride)
     run_device = _model_device(model, device, source.device)
     out_device = torch.device(output_device) if output_device is not None else source.device
@@ -223,30 +265,34 @@ def stitch(
     weights = None
     if mode != "constant":
         weights = window_weights(window, mode, sigma_scale, run_device).reshape(-1)
-    n_positions, n_windows = len(grid), n_slices * len(grid)
-    total = torch.zeros(n_slices * plane, dtype=torch.float32, device=run_device)
+    n_positions, n_windows = len(grid), n_out * len(grid)
+    in_channels = (2 * context_slices + 1) * n_channels
+    # the input layout is the output layout: reuse the input indices as output indices
+    same_layout = n_channels == 1 and context_slices == 0 and first == 0
+    total = torch.zeros(n_out * plane, dtype=torch.float32, device=run_device)
 
     with _evaluation_mode(model), torch.inference_mode():
-        for first in range(0, n_windows, window_batch_size):
-            last = min(first + window_batch_size, n_windows)
-            ids = torch.arange(first, last, device=run_device, dtype=index_dtype)
+        for batch_start in range(0, n_windows, window_batch_size):
+            batch_stop = min(batch_start + window_batch_size, n_windows)
+            ids = torch.arange(batch_start, batch_stop, device=run_device, dtype=index_dtype)
             # window id -> (slice, grid position) -> flat index of every pixel of the window
-            slice_ids, top_left = ids // n_positions, starts[ids % n_positions]
-            corner_index = slice_ids * (n_channels * plane) + top_left
-            input_index = (corner_index[:, None, None] + channel_offsets).reshape(-1)
+            out_slice, top_left = ids // n_positions, starts[ids % n_positions]
+            sources = context_index(out_slice + first, context_slices, n_slices)  # (n, 2k + 1)
+            corner_index = sources * (n_channels * plane) + top_left[:, None]
+            input_index = (corner_index[:, :, None, None] + channel_offsets).reshape(-1)
             batch = flat_inputs.index_select(0, input_index)
-            batch = batch.reshape(len(ids), n_channels, window, window)
+            batch = batch.reshape(len(ids), in_channels, window, window)
             probabilities = _probabilities(model, batch, amp, amp_dtype).reshape(len(ids), -1)
             if weights is not None:
                 probabilities = probabilities * weights
-            if n_channels == 1:
-                output_index = input_index  # the slice layout is the output layout
+            if same_layout:
+                output_index = input_index
             else:
-                output_index = ((slice_ids * plane + top_left)[:, None] + offsets).reshape(-1)
+                output_index = ((out_slice * plane + top_left)[:, None] + offsets).reshape(-1)
             total.index_add_(0, output_index, probabilities.reshape(-1))
     # outside inference mode, so that the result is an ordinary tensor
     denominator = coverage_map((height, width), window, stride, mode, sigma_scale, run_device)
-    stitched = total.reshape(n_slices, height, width) / denominator
+    stitched = total.reshape(n_out, height, width) / denominator
     return stitched.to(out_device)
 
 
@@ -258,20 +304,28 @@ def full_slice(
     amp_dtype: torch.dtype = torch.bfloat16,
     device: torch.device | str | None = None,
     output_device: torch.device | str | None = None,
+    context_slices: int = 0,
+    rows: slice | None = None,
 ) -> torch.Tensor:
     """Probability maps ``(B, H, W)`` float32 of the model run on whole slices (no stitching).
 
-    Same conventions as :func:`stitch`: ``batch_size`` slices at a time (the paper used 2).
+    Same conventions as :func:`stitch`: ``batch_size`` slices at a time (the paper used 2),
+    ``context_slices`` neighbours on each side stacked as channels, ``rows`` to predict a part.
     """
     source = _as_slices(slices)
     if batch_size < 1:
         raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
+    n_slices = source.shape[0]
+    first, stop = _row_range(rows, n_slices)
     run_device = _model_device(model, device, source.device)
     out_device = torch.device(output_device) if output_device is not None else source.device
     outputs = []
     with _evaluation_mode(model), torch.inference_mode():
-        for start in range(0, source.shape[0], batch_size):
-            batch = source[start : start + batch_size].to(run_device, non_blocking=True)
+        for start in range(first, stop, batch_size):
+            ids = torch.arange(start, min(start + batch_size, stop), device=source.device)
+            sources = context_index(ids, context_slices, n_slices).reshape(-1)
+            batch = source.index_select(0, sources).to(run_device, non_blocking=True)
+            batch = batch.reshape(len(ids), -1, *source.shape[-2:])
             outputs.append(_probabilities(model, batch, amp, amp_dtype))
     if not outputs:
         return torch.zeros((0, *source.shape[-2:]), dtype=torch.float32, device=out_device)

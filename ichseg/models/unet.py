@@ -24,6 +24,8 @@ import torch
 from torch import nn
 
 NORMS = ("none", "batch", "instance")
+#: Output heads: the paper's (3x3 conv to 2 filters + ReLU, then 1x1) or nnU-Net's single 1x1 conv.
+HEADS = ("paper", "conv1x1")
 
 
 def _norm_layer(norm: str | None, channels: int) -> nn.Module:
@@ -79,6 +81,10 @@ class UNet(nn.Module):
         dropout: dropout probability after the deepest encoder block and the bottleneck (0.5).
         norm: "none" (the paper), "batch" or "instance", applied after every convolution but the
             last two.
+        head: "paper": a 3x3 convolution to 2 filters with ReLU, then a 1x1 convolution (the
+            authors' Keras model); "conv1x1": one 1x1 convolution from the last decoder block to
+            the logits (nnU-Net). The paper's 2-filter ReLU can die (both filters negative
+            everywhere): the output is then a constant and no gradient reaches the network.
     """
 
     def __init__(
@@ -89,12 +95,15 @@ class UNet(nn.Module):
         depth: int = 4,
         dropout: float = 0.5,
         norm: str | None = "none",
+        head: str = "paper",
     ) -> None:
         super().__init__()
         if depth < 1:
             raise ValueError(f"UNet depth must be at least 1, got {depth}")
         if norm not in (None, *NORMS):
             raise ValueError(f"unknown normalisation {norm!r}; choose one of {NORMS}")
+        if head not in HEADS:
+            raise ValueError(f"unknown output head {head!r}; choose one of {HEADS}")
         self.depth = depth
         widths = [base_filters * 2**level for level in range(depth + 1)]
         self.encoders = nn.ModuleList()
@@ -106,11 +115,14 @@ class UNet(nn.Module):
         self.drop = nn.Dropout(dropout)
         self.bottleneck = ConvBlock(widths[-2], widths[-1], norm)
         self.decoders = nn.ModuleList(UpBlock(widths[i + 1], widths[i], norm) for i in reversed(range(depth)))
-        self.head = nn.Sequential(
-            nn.Conv2d(widths[0], 2, 3, padding=1),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(2, out_channels, 1),
-        )
+        if head == "paper":
+            self.head = nn.Sequential(
+                nn.Conv2d(widths[0], 2, 3, padding=1),
+                nn.ReLU(inplace=True),
+                nn.Conv2d(2, out_channels, 1),
+            )
+        else:
+            self.head = nn.Sequential(nn.Conv2d(widths[0], out_channels, 1))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

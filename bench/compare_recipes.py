@@ -1,0 +1,333 @@
+"""Benchmark: the paper's windowed U-Net against the improved recipes, on the same phantom folds.
+
+Every recipe is a real ``python -m ichseg.train`` run (composed from ``conf/`` with Hydra's compose
+API and run through :func:`ichseg.train.train`): fit on the training patients, best-validation
+checkpoint, stitched evaluation of the test patients on their original grid. All recipes share
+
+* one generated phantom NIfTI release (default 20 patients x 12 slices of 128x128, seed 0),
+* one ``splits.json`` (5 patient-grouped folds, round 0: 12 training, 4 validation, 4 test
+  patients) and one slice cache,
+* the phantom geometry of the paper's grid (windows of a quarter of the slice, stride an eighth:
+  the 7x7 grid of 160/80 on 640), batch 16 windows (2 whole slices in full-slice mode),
+* a narrow network (``--width`` base filters, default 8; the paper's 24-layer U-Net otherwise),
+* the same number of epochs (``--epochs``, default 8), seed 42, one CPU process.
+
+Rows (``--recipes``, default ``paper,paper_lr,windowed_plus,full_slice_plus``; ``--all`` adds one
+row per switch on top of ``paper_lr``):
+
+===================  =================================================================================
+``paper``            ``experiment=windowed``: BCE, no normalisation, Adam 1e-5 with Keras decay, brain
+                     window, positives + one ICH-free slice per patient, plain averaging, 0.5 +
+                     closing/opening. At 1e-5 it learns next to nothing in a CPU budget (faithful).
+``paper_lr``         the same at the demo's learning rate, 1e-3: isolates the other changes.
+``+dice_bce``        ``paper_lr`` + Dice + BCE loss.
+``+instance_norm``   ``paper_lr`` + instance normalisation.
+``+windows``         ``paper_lr`` + brain, subdural and bone windows as channels.
+``+context``         ``paper_lr`` + 2.5D input (one neighbouring slice on each side).
+``+oversample``      ``paper_lr`` + foreground oversampling (a third of every batch).
+``+tuned``           ``paper_lr`` + Gaussian stitching, threshold / post-processing tuned on val.
+``windowed_plus``    ``experiment=windowed_plus``: everything above, Adam 3e-4 with cosine decay.
+``full_slice_plus``  ``experiment=full_slice_plus``: whole slices, the same improvements.
+===================  =================================================================================
+
+It prints one table: the paper's Dice (mean over test patients with ICH of their mean ICH-slice
+Dice), the per-patient 3D Dice, the false-positive volume (mean predicted mL on the ICH-free test
+patients), slice-detection sensitivity / specificity at probability 0.5, optimiser steps and
+seconds, with the Dice and false-positive differences against the ``paper`` row; then whether
+``windowed_plus`` beats ``paper`` on both Dice and false-positive mL. ``compare.json`` and
+``compare.md`` go into ``--out`` (default ``outputs/compare/<time>``), each run into its own folder.
+
+    python bench/compare_recipes.py                 # about 3-4 minutes on 2 CPU cores
+    python bench/compare_recipes.py --all           # one row per switch as well (about 10 minutes)
+    python bench/compare_recipes.py --size 256 --epochs 12 --out outputs/compare/big
+
+Exit status: 0 when ``windowed_plus`` beats ``paper`` on both (or when either row was not run),
+1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+PAPER_LR = ["model.optimizer.lr=1e-3"]
+DICE_BCE = ["model.loss={_target_: ichseg.losses.DiceBCELoss, dice_weight: 1.0, bce_weight: 1.0}"]
+
+#: name -> (what it is, Hydra overrides on top of the shared phantom settings)
+RECIPES: dict[str, tuple[str, list[str]]] = {
+    "paper": ("the paper: experiment=windowed (Adam 1e-5)", ["experiment=windowed"]),
+    "paper_lr": ("the paper at the demo learning rate 1e-3", ["experiment=windowed", *PAPER_LR]),
+    "+dice_bce": ("paper_lr + Dice + BCE", ["experiment=windowed", *PAPER_LR, *DICE_BCE]),
+    "+instance_norm": (
+        "paper_lr + instance normalisation",
+        ["experiment=windowed", *PAPER_LR, "model.net.norm=instance"],
+    ),
+    "+windows": (
+        "paper_lr + brain, subdural, bone channels",
+        ["experiment=windowed", *PAPER_LR, "data.channels=[brain,subdural,bone]"],
+    ),
+    "+context": (
+        "paper_lr + 2.5D (k=1)",
+        ["experiment=windowed", *PAPER_LR, "data.context_slices=1"],
+    ),
+    "+oversample": (
+        "paper_lr + foreground oversampling 1/3",
+        ["experiment=windowed", *PAPER_LR, "data.undersampling=oversample"],
+    ),
+    "+tuned": (
+        "paper_lr + Gaussian stitching, val-tuned threshold / post-processing",
+        [
+            "experiment=windowed", *PAPER_LR, "callbacks.stitched_eval.blend_mode=gaussian",
+            "callbacks.stitched_eval.tune_on_val=true",
+        ],
+    ),  # fmt: skip
+    "windowed_plus": ("experiment=windowed_plus (all of the above)", ["experiment=windowed_plus"]),
+    "full_slice_plus": (
+        "experiment=full_slice_plus (whole slices)",
+        ["experiment=full_slice_plus", "data.batch_size=2"],
+    ),
+}
+DEFAULT_RECIPES = ("paper", "paper_lr", "windowed_plus", "full_slice_plus")
+BASELINE, IMPROVED = "paper", "windowed_plus"
+
+
+@dataclass
+class RecipeResult:
+    """The test metrics of one recipe's run."""
+
+    name: str
+    description: str
+    dice: float
+    dice_3d: float
+    fp_ml: float
+    sensitivity: float
+    specificity: float
+    steps: int
+    seconds: float
+    run_dir: str
+    tuned: dict | None = None
+
+
+def shared_overrides(
+    root: Path, out: Path, size: int, epochs: int, width: int, patients: int, slices: int
+) -> list[str]:
+    """The settings every recipe shares (phantom, folds, geometry, budget, outputs)."""
+    return [
+        "data=phantom",
+        f"data.root={root}",
+        f"data.phantom.patients={patients}",
+        f"data.phantom.slices={slices}",
+        f"data.phantom.size={size}",
+        "data.exclude=[]",
+        "data.k=5",
+        "data.fold=0",
+        f"data.splits_file={out / 'splits.json'}",
+        f"data.cache_dir={out / 'cache'}",
+        f"data.working_size={size}",
+        f"data.window={size // 4}",
+        f"data.stride={size // 8}",
+        "data.batch_size=16",
+        "data.num_workers=0",
+        f"model.net.base_filters={width}",
+        "model.image_log_every_n_epochs=0",
+        "trainer=cpu",
+        f"trainer.max_epochs={epochs}",
+        "trainer.log_every_n_steps=5",
+        "+trainer.enable_model_summary=false",
+        "callbacks.progress_bar.refresh_rate=0",
+        "callbacks.stitched_eval.n_overlays=0",
+        "logger=csv",
+        f"paths.log_dir={out}",
+        "seed=42",
+    ]
+
+
+def compose(overrides: Sequence[str], output_dir: Path):
+    """The composed training config, as ``python -m ichseg.train`` would build it."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    from ichseg.train import register_resolvers
+
+    register_resolvers()
+    GlobalHydra.instance().clear()
+    with initialize_config_module("ichseg.conf", version_base="1.3"):
+        cfg = hydra_compose("train", overrides=list(overrides), return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg.hydra
+        cfg.paths.output_dir = str(output_dir)
+    return cfg
+
+
+def run_recipe(name: str, common: list[str], out: Path) -> RecipeResult:
+    """Train and test one recipe; its outputs go into ``out/<name>``."""
+    import torch
+
+    from ichseg.train import train
+
+    description, overrides = RECIPES[name]
+    run_dir = out / name.lstrip("+")
+    cfg = compose([*common, *overrides], run_dir)  # the recipe's own settings win
+    start = time.perf_counter()
+    metrics = train(cfg)
+    seconds = time.perf_counter() - start
+    last = run_dir / "checkpoints" / "last.ckpt"
+    steps = int(torch.load(last, map_location="cpu", weights_only=True)["global_step"])
+    report = json.loads((run_dir / "report.json").read_text())
+
+    def value(key: str) -> float:
+        number = metrics.get(key, math.nan)
+        return float(number) if number is not None else math.nan
+
+    return RecipeResult(
+        name=name,
+        description=description,
+        dice=value("test/stitched_dice"),
+        dice_3d=value("test/stitched_dice_3d"),
+        fp_ml=value("test/stitched_fp_ml"),
+        sensitivity=value("test/stitched_sensitivity@0.5"),
+        specificity=value("test/stitched_specificity@0.5"),
+        steps=steps,
+        seconds=seconds,
+        run_dir=str(run_dir),
+        tuned=report["settings"].get("tuned_on_val"),
+    )
+
+
+def _cell(value: float, digits: int = 3, signed: bool = False) -> str:
+    if value is None or not math.isfinite(value):
+        return "–"
+    return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
+
+
+def format_table(results: Sequence[RecipeResult]) -> str:
+    """The comparison as a markdown table, with differences against the ``paper`` row."""
+    baseline = next((r for r in results if r.name == BASELINE), None)
+    header = ["recipe", "Dice", "Δ Dice", "3D Dice", "FP mL", "Δ FP mL", "sens@0.5", "spec@0.5",
+              "steps", "s", "operating point"]  # fmt: skip
+    lines = ["| " + " | ".join(header) + " |", "|:---|" + "---:|" * (len(header) - 2) + ":---|"]
+    for r in results:
+        d_dice = r.dice - baseline.dice if baseline else math.nan
+        d_fp = r.fp_ml - baseline.fp_ml if baseline else math.nan
+        point = "0.5, closing/opening"
+        if r.tuned:
+            post = "closing/opening" if r.tuned.get("postprocess") else "no morphology"
+            point = f"{r.tuned.get('threshold'):g}, {post} (val)"
+        cells = [r.name, _cell(r.dice), _cell(d_dice, signed=True), _cell(r.dice_3d),
+                 _cell(r.fp_ml, 2), _cell(d_fp, 2, signed=True), _cell(r.sensitivity),
+                 _cell(r.specificity), str(r.steps), f"{r.seconds:.0f}", point]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def verdict(results: Sequence[RecipeResult]) -> tuple[bool | None, str]:
+    """Does ``windowed_plus`` beat ``paper`` on Dice (higher) and false-positive mL (lower)?
+
+    None when either row is missing. A false-positive volume counts as beaten when it is lower, or
+    equal at 0 mL (nothing to remove).
+    """
+    by_name = {r.name: r for r in results}
+    if BASELINE not in by_name or IMPROVED not in by_name:
+        return None, f"{IMPROVED} vs {BASELINE}: not compared (both rows are needed)"
+    paper, plus = by_name[BASELINE], by_name[IMPROVED]
+    dice_ok = math.isfinite(plus.dice) and (not math.isfinite(paper.dice) or plus.dice > paper.dice)
+    fp_ok = math.isfinite(plus.fp_ml) and (
+        not math.isfinite(paper.fp_ml) or plus.fp_ml < paper.fp_ml or plus.fp_ml == paper.fp_ml == 0
+    )
+    holds = dice_ok and fp_ok
+    line = (
+        f"{IMPROVED} beats {BASELINE} at the same budget: {'YES' if holds else 'NO'} "
+        f"(Dice {_cell(plus.dice)} vs {_cell(paper.dice)}: {'better' if dice_ok else 'NOT better'}; "
+        f"false-positive volume {_cell(plus.fp_ml, 2)} vs {_cell(paper.fp_ml, 2)} mL: "
+        f"{'lower' if fp_ok else 'NOT lower'})"
+    )
+    return holds, line
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--recipes", default=",".join(DEFAULT_RECIPES),
+                        help=f"comma-separated rows among {', '.join(RECIPES)}")  # fmt: skip
+    parser.add_argument("--all", action="store_true", help="every row, one per switch as well")
+    parser.add_argument("--epochs", type=int, default=8, help="epochs of every recipe")
+    parser.add_argument("--size", type=int, default=128, help="phantom slice size (128 or 256)")
+    parser.add_argument("--width", type=int, default=8, help="U-Net base filters")
+    parser.add_argument("--patients", type=int, default=20)
+    parser.add_argument("--slices", type=int, default=12)
+    parser.add_argument("--out", type=Path, default=None, help="output folder")
+    args = parser.parse_args(argv)
+
+    names = list(RECIPES) if args.all else [n.strip() for n in args.recipes.split(",") if n.strip()]
+    unknown = [n for n in names if n not in RECIPES]
+    if unknown:
+        parser.error(f"unknown recipe(s) {unknown}; choose among {', '.join(RECIPES)}")
+    if args.size % 64:
+        parser.error("--size must be a multiple of 64 (windows of size/4 through a depth-4 U-Net)")
+    out = args.out or Path("outputs/compare") / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    out = out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    from ichseg.data.phantom import generate_phantom
+
+    root = out / "phantom"
+    if not (root.exists() and any(root.iterdir())):
+        generate_phantom(root, "nifti", n_patients=args.patients, n_slices=args.slices,
+                         size=args.size, seed=0)  # fmt: skip
+    common = shared_overrides(root, out, args.size, args.epochs, args.width, args.patients,
+                              args.slices)  # fmt: skip
+    print(
+        f"phantom: {args.patients} patients x {args.slices} slices of {args.size}x{args.size}, "
+        f"fold 0 of 5; {args.epochs} epochs per recipe; U-Net base {args.width}; outputs in {out}",
+        flush=True,
+    )
+    results = []
+    for name in names:
+        print(f"[{name}] {RECIPES[name][0]} ...", flush=True)
+        result = run_recipe(name, common, out)
+        print(f"[{name}] Dice {_cell(result.dice)}, FP {_cell(result.fp_ml, 2)} mL, "
+              f"{result.steps} steps, {result.seconds:.0f} s", flush=True)  # fmt: skip
+        results.append(result)
+
+    table = format_table(results)
+    holds, line = verdict(results)
+    settings = (
+        f"Phantom {args.patients} patients x {args.slices} slices of {args.size}x{args.size} "
+        f"(seed 0), CV round 0 of 5 (the same split for every row), {args.epochs} epochs, U-Net "
+        f"base {args.width}, windows {args.size // 4}/{args.size // 8}, batch 16 windows "
+        "(full_slice_plus: 2 slices), seed 42, CPU. Dice: the paper's (test patients with ICH); "
+        "FP mL: mean predicted volume on the ICH-free test patients; sens/spec: pooled slice "
+        "detection at 0.5; Δ: against the paper row."
+    )
+    print("\n" + table + "\n\n" + settings + "\n\n" + line)
+    document = {
+        "settings": vars(args) | {"out": str(out)},
+        "results": [asdict(r) for r in results],
+        "improved_beats_paper": holds,
+        "verdict": line,
+    }
+    (out / "compare.json").write_text(json.dumps(document, indent=1, default=str) + "\n")
+    (out / "compare.md").write_text(table + "\n\n" + settings + "\n\n" + line + "\n")
+    return 0 if holds in (None, True) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
