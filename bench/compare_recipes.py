@@ -10,25 +10,27 @@ checkpoint, stitched evaluation of the test patients on their original grid. All
 * the phantom geometry of the paper's grid (windows of a quarter of the slice, stride an eighth:
   the 7x7 grid of 160/80 on 640), batch 16 windows (2 whole slices in full-slice mode),
 * a narrow network (``--width`` base filters, default 8; the paper's 24-layer U-Net otherwise),
-* the same number of epochs (``--epochs``, default 8), seed 42, one CPU process.
+* the same number of epochs (``--epochs``, default 20), seed 42, one CPU process.
 
 Rows (``--recipes``, default ``paper,paper_lr,windowed_plus,full_slice_plus``; ``--all`` adds one
 row per switch on top of ``paper_lr``):
 
-===================  =================================================================================
-``paper``            ``experiment=windowed``: BCE, no normalisation, Adam 1e-5 with Keras decay, brain
-                     window, positives + one ICH-free slice per patient, plain averaging, 0.5 +
-                     closing/opening. At 1e-5 it learns next to nothing in a CPU budget (faithful).
+===================  ==============================================================================
+``paper``            ``experiment=windowed``: BCE, no normalisation, Adam 1e-5 with Keras decay,
+                     brain window, positives + one ICH-free slice per patient, plain averaging,
+                     0.5 + closing/opening. At 1e-5 it learns next to nothing in a CPU budget.
 ``paper_lr``         the same at the demo's learning rate, 1e-3: isolates the other changes.
 ``+dice_bce``        ``paper_lr`` + Dice + BCE loss.
-``+instance_norm``   ``paper_lr`` + instance normalisation.
+``+batch_norm``      ``paper_lr`` + batch normalisation.
+``+conv1x1_head``    ``paper_lr`` + a 1x1 output convolution instead of the 2-filter ReLU one.
 ``+windows``         ``paper_lr`` + brain, subdural and bone windows as channels.
 ``+context``         ``paper_lr`` + 2.5D input (one neighbouring slice on each side).
 ``+oversample``      ``paper_lr`` + foreground oversampling (a third of every batch).
 ``+tuned``           ``paper_lr`` + Gaussian stitching, threshold / post-processing tuned on val.
-``windowed_plus``    ``experiment=windowed_plus``: everything above, Adam 3e-4 with cosine decay.
+``windowed_plus``    ``experiment=windowed_plus``: everything above, Adam 1e-3 with cosine decay.
 ``full_slice_plus``  ``experiment=full_slice_plus``: whole slices, the same improvements.
-===================  =================================================================================
+``plus-<switch>``    ``--ablations``: ``windowed_plus`` with one switch turned back to the paper's.
+===================  ==============================================================================
 
 It prints one table: the paper's Dice (mean over test patients with ICH of their mean ICH-slice
 Dice), the per-patient 3D Dice, the false-positive volume (mean predicted mL on the ICH-free test
@@ -37,8 +39,9 @@ seconds, with the Dice and false-positive differences against the ``paper`` row;
 ``windowed_plus`` beats ``paper`` on both Dice and false-positive mL. ``compare.json`` and
 ``compare.md`` go into ``--out`` (default ``outputs/compare/<time>``), each run into its own folder.
 
-    python bench/compare_recipes.py                 # about 3-4 minutes on 2 CPU cores
-    python bench/compare_recipes.py --all           # one row per switch as well (about 10 minutes)
+    python bench/compare_recipes.py                 # about 5 minutes on 2 CPU cores
+    python bench/compare_recipes.py --all           # one row per switch as well (about 12 minutes)
+    python bench/compare_recipes.py --ablations     # windowed_plus without each switch (+15 min)
     python bench/compare_recipes.py --size 256 --epochs 12 --out outputs/compare/big
 
 Exit status: 0 when ``windowed_plus`` beats ``paper`` on both (or when either row was not run),
@@ -62,40 +65,58 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 PAPER_LR = ["model.optimizer.lr=1e-3"]
 DICE_BCE = ["model.loss={_target_: ichseg.losses.DiceBCELoss, dice_weight: 1.0, bce_weight: 1.0}"]
 
+#: each improvement: (what it is, the overrides that add it to ``experiment=windowed``, the
+#: overrides that turn it back to the paper's within ``experiment=windowed_plus``)
+SWITCHES: dict[str, tuple[str, list[str], list[str]]] = {
+    "dice_bce": ("Dice + BCE", DICE_BCE, ["model.loss=null"]),
+    "batch_norm": ("batch normalisation", ["model.net.norm=batch"], ["model.net.norm=none"]),
+    "conv1x1_head": (
+        "nnU-Net's 1x1 output convolution",
+        ["model.net.head=conv1x1"],
+        ["model.net.head=paper"],
+    ),
+    "windows": (
+        "brain, subdural, bone channels",
+        ["data.channels=[brain,subdural,bone]"],
+        ["data.channels=[brain]"],
+    ),
+    "context": ("2.5D (k=1)", ["data.context_slices=1"], ["data.context_slices=0"]),
+    "oversample": (
+        "foreground oversampling 1/3",
+        ["data.undersampling=oversample"],
+        ["data.undersampling=paper"],
+    ),
+    "tuned": (
+        "Gaussian stitching, val-tuned threshold / post-processing",
+        ["callbacks.stitched_eval.blend_mode=gaussian", "callbacks.stitched_eval.tune_on_val=true"],
+        [
+            "callbacks.stitched_eval.blend_mode=constant",
+            "callbacks.stitched_eval.tune_on_val=false",
+        ],
+    ),
+}
+
 #: name -> (what it is, Hydra overrides on top of the shared phantom settings)
 RECIPES: dict[str, tuple[str, list[str]]] = {
     "paper": ("the paper: experiment=windowed (Adam 1e-5)", ["experiment=windowed"]),
     "paper_lr": ("the paper at the demo learning rate 1e-3", ["experiment=windowed", *PAPER_LR]),
-    "+dice_bce": ("paper_lr + Dice + BCE", ["experiment=windowed", *PAPER_LR, *DICE_BCE]),
-    "+instance_norm": (
-        "paper_lr + instance normalisation",
-        ["experiment=windowed", *PAPER_LR, "model.net.norm=instance"],
-    ),
-    "+windows": (
-        "paper_lr + brain, subdural, bone channels",
-        ["experiment=windowed", *PAPER_LR, "data.channels=[brain,subdural,bone]"],
-    ),
-    "+context": (
-        "paper_lr + 2.5D (k=1)",
-        ["experiment=windowed", *PAPER_LR, "data.context_slices=1"],
-    ),
-    "+oversample": (
-        "paper_lr + foreground oversampling 1/3",
-        ["experiment=windowed", *PAPER_LR, "data.undersampling=oversample"],
-    ),
-    "+tuned": (
-        "paper_lr + Gaussian stitching, val-tuned threshold / post-processing",
-        [
-            "experiment=windowed", *PAPER_LR, "callbacks.stitched_eval.blend_mode=gaussian",
-            "callbacks.stitched_eval.tune_on_val=true",
-        ],
-    ),  # fmt: skip
+    **{
+        f"+{name}": (f"paper_lr + {text}", ["experiment=windowed", *PAPER_LR, *on])
+        for name, (text, on, _) in SWITCHES.items()
+    },
     "windowed_plus": ("experiment=windowed_plus (all of the above)", ["experiment=windowed_plus"]),
     "full_slice_plus": (
         "experiment=full_slice_plus (whole slices)",
         ["experiment=full_slice_plus", "data.batch_size=2"],
     ),
+    # leave-one-out ablation: windowed_plus with one switch turned back to the paper's
+    **{
+        f"plus-{name}": (f"windowed_plus without {text}", ["experiment=windowed_plus", *off])
+        for name, (text, _, off) in SWITCHES.items()
+    },
 }
+ADDED = tuple(f"+{name}" for name in SWITCHES)
+WITHOUT = tuple(f"plus-{name}" for name in SWITCHES)
 DEFAULT_RECIPES = ("paper", "paper_lr", "windowed_plus", "full_slice_plus")
 BASELINE, IMPROVED = "paper", "windowed_plus"
 
@@ -250,7 +271,8 @@ def verdict(results: Sequence[RecipeResult]) -> tuple[bool | None, str]:
     holds = dice_ok and fp_ok
     line = (
         f"{IMPROVED} beats {BASELINE} at the same budget: {'YES' if holds else 'NO'} "
-        f"(Dice {_cell(plus.dice)} vs {_cell(paper.dice)}: {'better' if dice_ok else 'NOT better'}; "
+        f"(Dice {_cell(plus.dice)} vs {_cell(paper.dice)}: "
+        f"{'better' if dice_ok else 'NOT better'}; "
         f"false-positive volume {_cell(plus.fp_ml, 2)} vs {_cell(paper.fp_ml, 2)} mL: "
         f"{'lower' if fp_ok else 'NOT lower'})"
     )
@@ -261,8 +283,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--recipes", default=",".join(DEFAULT_RECIPES),
                         help=f"comma-separated rows among {', '.join(RECIPES)}")  # fmt: skip
-    parser.add_argument("--all", action="store_true", help="every row, one per switch as well")
-    parser.add_argument("--epochs", type=int, default=8, help="epochs of every recipe")
+    parser.add_argument(
+        "--all",
+        action="store_true",
+        help="the default rows and one row per switch added to paper_lr",
+    )
+    parser.add_argument("--ablations", action="store_true",
+                        help="also windowed_plus without each switch (leave-one-out)")  # fmt: skip
+    parser.add_argument("--epochs", type=int, default=20, help="epochs of every recipe")
     parser.add_argument("--size", type=int, default=128, help="phantom slice size (128 or 256)")
     parser.add_argument("--width", type=int, default=8, help="U-Net base filters")
     parser.add_argument("--patients", type=int, default=20)
@@ -270,7 +298,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="output folder")
     args = parser.parse_args(argv)
 
-    names = list(RECIPES) if args.all else [n.strip() for n in args.recipes.split(",") if n.strip()]
+    names = [n.strip() for n in args.recipes.split(",") if n.strip()]
+    if args.all:
+        names = ["paper", "paper_lr", *ADDED, "windowed_plus", "full_slice_plus"]
+    if args.ablations:
+        names += [n for n in ("paper", "windowed_plus", *WITHOUT) if n not in names]
     unknown = [n for n in names if n not in RECIPES]
     if unknown:
         parser.error(f"unknown recipe(s) {unknown}; choose among {', '.join(RECIPES)}")
@@ -287,6 +319,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     from ichseg.data.phantom import generate_phantom
+    from ichseg.utils.atomic import atomic_write_text
 
     root = out / "phantom"
     if not (root.exists() and any(root.iterdir())):
@@ -324,8 +357,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "improved_beats_paper": holds,
         "verdict": line,
     }
-    (out / "compare.json").write_text(json.dumps(document, indent=1, default=str) + "\n")
-    (out / "compare.md").write_text(table + "\n\n" + settings + "\n\n" + line + "\n")
+    atomic_write_text(out / "compare.json", json.dumps(document, indent=1, default=str) + "\n")
+    atomic_write_text(out / "compare.md", table + "\n\n" + settings + "\n\n" + line + "\n")
     return 0 if holds in (None, True) else 1
 
 

@@ -450,7 +450,8 @@ def preprocessing_from_meta(
             f"({sizes['working_size']})"
         )
     context_slices = data.get("context_slices") or 0  # absent in checkpoints before 2.5D input
-    if isinstance(context_slices, bool) or not isinstance(context_slices, int) or context_slices < 0:
+    valid = isinstance(context_slices, int) and not isinstance(context_slices, bool)
+    if not valid or context_slices < 0:
         raise CheckpointError(
             f"{source}: data.context_slices must be a non-negative integer, got {context_slices!r}"
         )

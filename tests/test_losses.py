@@ -86,7 +86,11 @@ def test_loss_is_selected_from_the_config():
         {
             "_target_": "ichseg.module.ICHSegmentationModule",
             "net": {"_target_": "ichseg.models.UNet", "base_filters": 4, "depth": 2},
-            "loss": {"_target_": "ichseg.losses.DiceBCELoss", "dice_weight": 1.0, "pos_weight": 2.0},
+            "loss": {
+                "_target_": "ichseg.losses.DiceBCELoss",
+                "dice_weight": 1.0,
+                "pos_weight": 2.0,
+            },
         }
     )
     module = instantiate(cfg)

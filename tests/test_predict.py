@@ -607,7 +607,7 @@ def test_failed_write_leaves_nothing(phantom, checkpoint, tmp_path, monkeypatch)
 
 
 def test_context_checkpoint_predicts_like_one_pass_over_the_stacked_volume(phantom, tmp_path):
-    """Three CT windows x slices s-1..s+1 = 9 channels; chunks of one slice need their neighbours."""
+    """3 CT windows x slices s-1..s+1 = 9 channels; chunks of one slice need their neighbours."""
     channels = ["brain", "subdural", "bone"]
     meta = make_meta(
         net=dict(NET, in_channels=9), data=dict(DATA, channels=channels, context_slices=1)
@@ -634,6 +634,7 @@ def test_context_checkpoint_with_the_wrong_channel_count(tmp_path, tiny_state_di
     path = _save_dict(tmp_path / "c.ckpt", meta, tiny_state_dict)
     with pytest.raises(CheckpointError, match=r"1 input channel.*context_slices=1"):
         load_predictor(path, device="cpu")
-    bad = _save_dict(tmp_path / "d.ckpt", make_meta(data=dict(DATA, context_slices=-1)), tiny_state_dict)
+    bad_meta = make_meta(data=dict(DATA, context_slices=-1))
+    bad = _save_dict(tmp_path / "d.ckpt", bad_meta, tiny_state_dict)
     with pytest.raises(CheckpointError, match="context_slices"):
         load_predictor(bad, device="cpu")

@@ -24,7 +24,9 @@ CHANNELS = ("brain", "subdural", "bone")
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
     base = tmp_path_factory.mktemp("phantom")
-    return generate_phantom(base / "ct-ich", "nifti", n_patients=9, n_slices=6, size=64, seed=0).root
+    return generate_phantom(
+        base / "ct-ich", "nifti", n_patients=9, n_slices=6, size=64, seed=0
+    ).root
 
 
 def make(root, **kwargs) -> CTICHDataModule:
@@ -57,10 +59,12 @@ def test_context_windows_stack_the_neighbours_slice_major():
     neighbours = context_rows(windows[:, 0], 1, 0, 4)
     crops = crop_context_windows(slices, windows, neighbours, grid)
     assert crops.shape == (3, 6, 6, 6)
-    for i, (row, position) in enumerate(windows):
+    for i, position in enumerate(windows[:, 1]):
         r, c = grid.corners[position]
         for j, source in enumerate(neighbours[i]):
-            np.testing.assert_array_equal(crops[i, 2 * j : 2 * j + 2], slices[source, :, r : r + 6, c : c + 6])
+            np.testing.assert_array_equal(
+                crops[i, 2 * j : 2 * j + 2], slices[source, :, r : r + 6, c : c + 6]
+            )
 
 
 def test_store_context_stays_within_each_patient(root):
@@ -83,7 +87,9 @@ def test_context_batches_are_the_store_windows_of_the_neighbours(root):
     module = make(root, channels=CHANNELS, context_slices=1)
     assert module.in_channels == 9
     store, grid = module.store, module.grid
-    assert store.images.shape[1] == 3  # the store holds each slice once; context is index arithmetic
+    assert (
+        store.images.shape[1] == 3
+    )  # the store holds each slice once; context is index arithmetic
     batch = next(iter(module.val_dataloader()))
     assert batch["image"].shape[1:] == (9, 16, 16)
     for i in range(len(batch["window"])):
@@ -94,7 +100,9 @@ def test_context_batches_are_the_store_windows_of_the_neighbours(root):
         for j, offset in enumerate((-1, 0, 1)):
             source = min(max(row + offset, patient_rows.start), patient_rows.stop - 1)
             expected = store.images[source, :, r : r + 16, c : c + 16] / 255.0
-            np.testing.assert_allclose(batch["image"][i, 3 * j : 3 * j + 3].numpy(), expected, atol=1e-6)
+            np.testing.assert_allclose(
+                batch["image"][i, 3 * j : 3 * j + 3].numpy(), expected, atol=1e-6
+            )
         mask = store.mask_slices(row)[r : r + 16, c : c + 16]
         np.testing.assert_array_equal(batch["mask"][i, 0].numpy(), mask)
 
@@ -102,10 +110,16 @@ def test_context_batches_are_the_store_windows_of_the_neighbours(root):
 def test_context_with_augmentation_and_full_slices(root):
     module = make(root, channels=("brain", "bone"), context_slices=1, augmentation={})
     batch = next(iter(module.train_dataloader()))
-    assert batch["image"].shape == (12, 6, 16, 16) and 0 <= batch["image"].min() <= batch["image"].max() <= 1
+    assert (
+        batch["image"].shape == (12, 6, 16, 16)
+        and 0 <= batch["image"].min() <= batch["image"].max() <= 1
+    )
     full = make(root, mode="full_slice", context_slices=1, batch_size=2)
     batch = next(iter(full.val_dataloader()))
-    rows = [full.store.rows_of(int(p)).start + int(s) - 1 for p, s in zip(batch["patient"], batch["slice"])]
+    rows = [
+        full.store.rows_of(int(p)).start + int(s) - 1
+        for p, s in zip(batch["patient"], batch["slice"], strict=True)
+    ]
     expected = full.store.context_images(np.array(rows), 1) / 255.0
     assert batch["image"].shape == (2, 3, 64, 64)
     np.testing.assert_allclose(batch["image"].numpy(), expected, atol=1e-6)

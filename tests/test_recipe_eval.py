@@ -37,7 +37,9 @@ class Mixer(nn.Module):
 def stacked(volume: torch.Tensor, k: int) -> torch.Tensor:
     """The 2.5D input built naively: slices s-k..s+k (clamped) concatenated as channels."""
     n = volume.shape[0]
-    parts = [torch.cat([volume[min(max(s + d, 0), n - 1)] for d in range(-k, k + 1)]) for s in range(n)]
+    parts = [
+        torch.cat([volume[min(max(s + d, 0), n - 1)] for d in range(-k, k + 1)]) for s in range(n)
+    ]
     return torch.stack(parts)
 
 
@@ -49,7 +51,9 @@ def test_stitching_with_context_equals_a_stacked_volume(k):
     reference = stitch(model, stacked(volume, k), window=8, stride=4, window_batch_size=7)
     ours = stitch(model, volume, window=8, stride=4, window_batch_size=7, context_slices=k)
     torch.testing.assert_close(ours, reference)
-    part = stitch(model, volume, window=8, stride=4, context_slices=k, rows=slice(1, 4), mode="gaussian")
+    part = stitch(
+        model, volume, window=8, stride=4, context_slices=k, rows=slice(1, 4), mode="gaussian"
+    )
     whole = stitch(model, volume, window=8, stride=4, context_slices=k, mode="gaussian")
     torch.testing.assert_close(part, whole[1:4])
     torch.testing.assert_close(
@@ -63,7 +67,11 @@ def test_stitching_with_context_equals_a_stacked_volume(k):
 
 
 def test_context_index_clamps_to_the_volume():
-    assert context_index(torch.tensor([0, 2, 4]), 1, 5).tolist() == [[0, 0, 1], [1, 2, 3], [3, 4, 4]]
+    assert context_index(torch.tensor([0, 2, 4]), 1, 5).tolist() == [
+        [0, 0, 1],
+        [1, 2, 3],
+        [3, 4, 4],
+    ]
 
 
 # --------------------------------------------------------------------------- choosing on val
@@ -94,7 +102,7 @@ def test_the_choice_prefers_dice_then_no_postprocessing_then_the_default_thresho
 
 
 class Faint(nn.Module):
-    """Probability 0.35 on the ICH pixels encoded in channel 0, ~0 elsewhere: right only below 0.35."""
+    """Probability 0.35 on the ICH pixels encoded in channel 0, ~0 elsewhere: right below 0.35."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -133,7 +141,9 @@ def test_the_threshold_is_tuned_on_val_and_applied_to_test(faint_datamodule, tmp
 
     faint_datamodule.eval_scans = spy  # type: ignore[method-assign]
     try:
-        plain = run_test(faint_datamodule, StitchedEvaluation(min_area=0, n_overlays=0), tmp_path / "a")
+        plain = run_test(
+            faint_datamodule, StitchedEvaluation(min_area=0, n_overlays=0), tmp_path / "a"
+        )
         assert float(plain.callback_metrics["test/stitched_dice"]) == 0.0  # nothing above 0.5
         requested.clear()
         callback = StitchedEvaluation(min_area=0, n_overlays=0, tune_on_val=True)
@@ -142,9 +152,14 @@ def test_the_threshold_is_tuned_on_val_and_applied_to_test(faint_datamodule, tmp
         del faint_datamodule.eval_scans
     assert requested == ["val", "test"]  # val first, for the choice; test only scored
     assert callback.tuning is not None and callback.tuning.threshold == 0.3
-    assert callback.tuning.dice == 1.0 and set(callback.tuning.patients) == set(faint_datamodule.cv_round.val)
+    assert callback.tuning.dice == 1.0 and set(callback.tuning.patients) == set(
+        faint_datamodule.cv_round.val
+    )
     metrics = tuned.callback_metrics
-    assert float(metrics["val/tuned_threshold"]) == pytest.approx(0.3) and float(metrics["test/stitched_dice"]) == 1.0
+    assert (
+        float(metrics["val/tuned_threshold"]) == pytest.approx(0.3)
+        and float(metrics["test/stitched_dice"]) == 1.0
+    )
     report = json.loads((tmp_path / "b" / "report.json").read_text())
     settings = report["settings"]
     assert settings["threshold"] == 0.3 and settings["tuned_on_val"]["threshold"] == 0.3

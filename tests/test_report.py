@@ -179,7 +179,8 @@ def test_folds_tuned_on_val_merge_each_at_its_own_operating_point(tmp_path):
     assert merged.settings["threshold"] is None
     assert [c["threshold"] for c in merged.settings["tuned_on_val"]["per_fold"]] == [0.5, 0.9]
     markdown = merged.to_markdown()
-    assert "each fold's own threshold" in markdown and "fold 1: 0.9, post-processing off" in markdown
+    assert "each fold's own threshold" in markdown
+    assert "fold 1: 0.9, post-processing off" in markdown
     json.loads(rep.dumps_json(merged.to_dict()), parse_constant=lambda c: pytest.fail(c))
     # the same choice in every fold: an ordinary merge at that threshold
     c = write_fold(tmp_path / "c", [51, 52, 53], fold=1, **tuned(0.5, True))

@@ -98,7 +98,7 @@ def test_conv1x1_head_replaces_the_two_filter_bottleneck():
 
 
 def test_a_dead_paper_head_stops_every_gradient_but_the_last_bias():
-    """The paper's 2-filter ReLU: once both filters are negative everywhere the output is constant."""
+    """The paper's 2-filter ReLU: once both are negative everywhere the output is a constant."""
     net = UNet(base_filters=4, depth=2)
     with torch.no_grad():
         net.head[0].bias.fill_(-1e3)  # both ReLU inputs negative: the units are dead

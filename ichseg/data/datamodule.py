@@ -64,6 +64,7 @@ from ichseg.data.patches import (
     SAMPLING_RULES,
     UNDERSAMPLING_RULES,
     WindowGrid,
+    check_context_slices,
     crop_context_windows,
     crop_packed_windows,
     crop_windows,
@@ -483,7 +484,38 @@ def collate_batch(batch: Any) -> dict[str, torch.Tensor]:
     return torch.utils.data.default_collate(batch)
 
 
-class UndersampledWindowSampler(Sampler[int]):
+class EpochSampler(Sampler[int]):
+    """A sampler whose indices are a function of ``(seed, epoch)`` (:meth:`epoch_indices`).
+
+    Lightning calls :meth:`set_epoch` (also through its distributed wrapper); without it each new
+    iteration advances the epoch by one. The length is that of epoch 0, the same every epoch.
+    """
+
+    def start_epochs(self) -> None:
+        """Start at epoch 0; call at the end of ``__init__``, once :meth:`epoch_indices` works."""
+        self.epoch = 0
+        self._iterated = False
+        self._length = len(self.epoch_indices(0))
+
+    def epoch_indices(self, epoch: int) -> np.ndarray:
+        """The dataset indices of ``epoch``, in the order they are yielded."""
+        raise NotImplementedError
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+        self._iterated = False
+
+    def __iter__(self) -> Iterator[int]:
+        if self._iterated:
+            self.epoch += 1
+        self._iterated = True
+        return iter(self.epoch_indices(self.epoch).tolist())
+
+    def __len__(self) -> int:
+        return self._length
+
+
+class UndersampledWindowSampler(EpochSampler):
     """Training windows of one epoch: every positive window plus that epoch's sampled negatives.
 
     Yields dataset indices ``local_row * G + position`` (a :class:`WindowDataset` over all windows
@@ -511,13 +543,8 @@ class UndersampledWindowSampler(Sampler[int]):
         self.ratio = float(ratio)
         self.seed = int(seed)
         self.shuffle = shuffle
-        self.epoch = 0
-        self._iterated = False
-        self._length = len(self.epoch_indices(0))
+        self.start_epochs()
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-        self._iterated = False
 
     def epoch_indices(self, epoch: int) -> np.ndarray:
         """The dataset indices of ``epoch``, in the order they are yielded."""
@@ -529,17 +556,9 @@ class UndersampledWindowSampler(Sampler[int]):
             indices = indices[epoch_generator(self.seed + 1, epoch).permutation(indices.size)]
         return indices
 
-    def __iter__(self) -> Iterator[int]:
-        if self._iterated:
-            self.epoch += 1
-        self._iterated = True
-        return iter(self.epoch_indices(self.epoch).tolist())
-
-    def __len__(self) -> int:
-        return self._length
 
 
-class OversampledWindowSampler(Sampler[int]):
+class OversampledWindowSampler(EpochSampler):
     """Training windows of one epoch with foreground oversampling (nnU-Net): every batch of
     ``batch_size`` consecutive indices holds a fixed share (``foreground_fraction``, at least one
     window) of windows with ICH, the rest ICH-free windows drawn from every training slice.
@@ -568,13 +587,8 @@ class OversampledWindowSampler(Sampler[int]):
             raise ConfigError(f"batches_per_epoch must be positive, got {batches_per_epoch}")
         self.batches_per_epoch = batches_per_epoch
         self.seed = int(seed)
-        self.epoch = 0
-        self._iterated = False
-        self._length = len(self.epoch_indices(0))
+        self.start_epochs()
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-        self._iterated = False
 
     def epoch_indices(self, epoch: int) -> np.ndarray:
         """The dataset indices of ``epoch``, in the order they are yielded (batch by batch)."""
@@ -584,14 +598,6 @@ class OversampledWindowSampler(Sampler[int]):
         )  # fmt: skip
         return flat_window_ids(windows, self.counts.shape[1])
 
-    def __iter__(self) -> Iterator[int]:
-        if self._iterated:
-            self.epoch += 1
-        self._iterated = True
-        return iter(self.epoch_indices(self.epoch).tolist())
-
-    def __len__(self) -> int:
-        return self._length
 
 
 # --------------------------------------------------------------------------- evaluation view
@@ -705,10 +711,7 @@ class CTICHDataModule(pl.LightningDataModule):
                 f"undersampling must be one of {', '.join(SAMPLING_RULES)}, "
                 f"not {undersampling!r}"
             )
-        if isinstance(context_slices, bool) or int(context_slices) != context_slices or context_slices < 0:
-            raise ConfigError(
-                f"context_slices must be a non-negative integer, got {context_slices!r}"
-            )
+        check_context_slices(context_slices)
         foreground_per_batch(int(batch_size), float(foreground_fraction))  # validates both
         if batches_per_epoch is not None and int(batches_per_epoch) < 1:
             raise ConfigError(f"batches_per_epoch must be positive, got {batches_per_epoch}")

@@ -179,6 +179,14 @@ def all_windows(n_slices: int, n_positions: int) -> np.ndarray:
 # --------------------------------------------------------------------------- 2.5D context
 
 
+def check_context_slices(value: object) -> int:
+    """``value`` as a number of neighbouring slices on each side: a non-negative integer."""
+    valid = isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 0
+    if not valid:
+        raise ConfigError(f"context_slices must be a non-negative integer, got {value!r}")
+    return int(value)  # type: ignore[arg-type]
+
+
 def context_rows(
     rows: np.ndarray,
     context_slices: int,
@@ -188,10 +196,9 @@ def context_rows(
     """``(n, 2k + 1)`` rows ``s - k .. s + k`` around each of ``rows`` (``k = context_slices``),
     clamped to ``[first_row, last_row]`` (per row, or one range for all): the neighbouring slices
     of the same volume, the first and last slices repeated at the volume's ends."""
-    if isinstance(context_slices, bool) or int(context_slices) != context_slices or context_slices < 0:
-        raise ConfigError(f"context_slices must be a non-negative integer, got {context_slices!r}")
+    k = check_context_slices(context_slices)
     rows = np.asarray(rows, dtype=np.int64).reshape(-1)
-    offsets = np.arange(-int(context_slices), int(context_slices) + 1, dtype=np.int64)
+    offsets = np.arange(-k, k + 1, dtype=np.int64)
     low = np.asarray(first_row, dtype=np.int64).reshape(-1, 1)
     high = np.asarray(last_row, dtype=np.int64).reshape(-1, 1)
     return np.clip(rows[:, None] + offsets[None, :], low, high)

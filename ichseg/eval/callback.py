@@ -24,7 +24,12 @@ same merged counts; rank 0 writes the files and the TensorBoard entries.
 When: at the end of each test epoch for every split in ``splits`` (default ``["test"]``), and, if
 ``every_n_val_epochs > 0``, at the end of every ``every_n_val_epochs``-th validation epoch of
 fitting (the val split, scalars only), so that a ``ModelCheckpoint`` can monitor
-``val/stitched_dice`` (give it ``every_n_epochs`` equal to ``every_n_val_epochs``).
+``val/stitched_dice`` (give it ``every_n_epochs`` equal to ``every_n_val_epochs``). With
+``tune_on_val``, the test epoch first scores the VAL split over a grid of thresholds with and
+without the post-processing (:func:`score_scans_variants`: each patient predicted once, counted per
+variant), picks the operating point by the paper's Dice on val (:func:`choose_on_validation`) and
+scores the test split with it. 2.5D models get their neighbouring slices from the datamodule's
+``context_slices`` (:func:`scan_probabilities`).
 
 Logged scalars (``<split>`` is ``test`` or ``val``; distinct from the LightningModule's window-level
 ``test/dice`` / ``test/jaccard``):

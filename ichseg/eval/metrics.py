@@ -739,10 +739,27 @@ def evaluation_tables(
     """All tables from slice counts: Table 5 and the per-patient metrics at ``threshold``, Table 6
     at ``detection_thresholds`` (default: every threshold of ``counts``), Dice by subtype and age
     (empty when the mapping is not given) and the volume metrics."""
-    per_patient = patient_metrics(counts, threshold, min_area)
+    return assemble_tables(
+        segmentation_table(counts, threshold, min_area),
+        detection_table(counts, detection_thresholds, min_area),
+        patient_metrics(counts, threshold, min_area),
+        patient_subtypes,
+        ages,
+    )
+
+
+def assemble_tables(
+    segmentation: SegmentationTable,
+    detection: list[DetectionScores],
+    per_patient: PatientMetrics,
+    patient_subtypes: Mapping[int, Iterable[str] | np.ndarray] | None = None,
+    ages: Mapping[int, float | None] | None = None,
+) -> EvaluationTables:
+    """:class:`EvaluationTables` from Tables 5 and 6 and the per-patient metrics, adding the Dice
+    by subtype and age (empty when the mapping is not given) and the volume metrics."""
     return EvaluationTables(
-        segmentation=segmentation_table(counts, threshold, min_area),
-        detection=detection_table(counts, detection_thresholds, min_area),
+        segmentation=segmentation,
+        detection=detection,
         subtype_dice=group_summaries(per_patient, subtype_groups(patient_subtypes))
         if patient_subtypes
         else {},
@@ -793,9 +810,8 @@ def operating_point_tables(
     )
     scores = [detection_scores(counts, level, min_area) for counts, level in parts]
     threshold = per_patient.threshold
-    pooled = DetectionScores(
-        threshold, float(min_area), *(sum(getattr(s, k) for s in scores) for k in ("tp", "fp", "tn", "fn"))
-    )
+    totals = (sum(getattr(s, name) for s in scores) for name in ("tp", "fp", "tn", "fn"))
+    pooled = DetectionScores(threshold, float(min_area), *totals)
     segmentation = SegmentationTable(
         threshold=threshold,
         min_area=float(min_area),
@@ -806,13 +822,5 @@ def operating_point_tables(
         pooled=pooled,
     )
     merged = SliceCounts.concatenate([counts for counts, _ in parts])
-    return EvaluationTables(
-        segmentation=segmentation,
-        detection=detection_table(merged, None, min_area),
-        subtype_dice=group_summaries(per_patient, subtype_groups(patient_subtypes))
-        if patient_subtypes
-        else {},
-        age_dice=group_summaries(per_patient, age_groups(ages)) if ages else {},
-        volume=volume_table(per_patient),
-        patients=per_patient,
-    )
+    detection = detection_table(merged, None, min_area)
+    return assemble_tables(segmentation, detection, per_patient, patient_subtypes, ages)

@@ -122,15 +122,8 @@ def compute_tables(
     min_area: float = PAPER_MIN_AREA,
 ) -> EvaluationTables:
     """:func:`~ichseg.eval.metrics.evaluation_tables` with subtypes and ages from ``patients``."""
-    patients = patients or {}
-    subtypes = {p: list(info.subtypes) for p, info in patients.items()}
-    ages = {p: info.age for p, info in patients.items()}
     return evaluation_tables(
-        counts,
-        threshold=threshold,
-        min_area=min_area,
-        patient_subtypes=subtypes if subtypes else None,
-        ages=ages if any(a is not None for a in ages.values()) else None,
+        counts, threshold=threshold, min_area=min_area, **subtypes_and_ages(patients)
     )
 
 
@@ -141,15 +134,19 @@ def compute_operating_point_tables(
 ) -> EvaluationTables:
     """:func:`~ichseg.eval.metrics.operating_point_tables` (each part at its own threshold) with
     subtypes and ages from ``patients``."""
+    return operating_point_tables(parts, min_area=min_area, **subtypes_and_ages(patients))
+
+
+def subtypes_and_ages(patients: Mapping[int, PatientInfo] | None) -> dict[str, Any]:
+    """``patient_subtypes`` and ``ages`` keyword arguments of the table functions (None where
+    ``patients`` has none)."""
     patients = patients or {}
     subtypes = {p: list(info.subtypes) for p, info in patients.items()}
     ages = {p: info.age for p, info in patients.items()}
-    return operating_point_tables(
-        parts,
-        min_area=min_area,
-        patient_subtypes=subtypes if subtypes else None,
-        ages=ages if any(a is not None for a in ages.values()) else None,
-    )
+    return {
+        "patient_subtypes": subtypes if subtypes else None,
+        "ages": ages if any(a is not None for a in ages.values()) else None,
+    }
 
 
 # --------------------------------------------------------------------------- plain rows
@@ -805,7 +802,9 @@ def merge_folds(run_dirs: Sequence[str | os.PathLike[str]]) -> CrossValidationRe
             "post-processing on the validation split; evaluate all folds alike",
             odd.directory,
         )
-    keys = [k for k in MERGE_KEYS if k not in ("threshold", "postprocess")] if all(tuned) else MERGE_KEYS
+    keys = MERGE_KEYS
+    if all(tuned):  # each fold's own threshold and post-processing
+        keys = tuple(k for k in MERGE_KEYS if k not in ("threshold", "postprocess"))
     for result in results[1:]:
         for key in keys:
             if json_safe(result.settings.get(key)) != json_safe(first.settings.get(key)):
