@@ -13,12 +13,13 @@ PIP_EXTRA ?=
 DEMO_DIR ?= outputs/demo
 PYTEST_ARGS ?=
 
-.PHONY: help install test test-all demo cv bench lint clean
+.PHONY: help install test test-all demo cv compare bench lint clean
 
 help:
 	@echo "make demo      generate a phantom CT-ICH dataset and run the pipeline on it"
 	@echo "make test      run the fast tests (installs into $(VENV) first when needed)"
 	@echo "make cv        5-fold cross-validation (demo settings on the phantom by default) and its report"
+	@echo "make compare   the paper recipe against the improved ones on one phantom split (CPU, ~5 min)"
 	@echo "make test-all  run every test, the slow ones included"
 	@echo "make bench     run the benchmarks under bench/"
 	@echo "make install   create $(VENV) and install ichseg with its test tools"
@@ -53,6 +54,16 @@ CV_DIR ?= outputs/cv
 cv: install
 	$(PY) -m ichseg.train -m $(CV_ARGS) paths.log_dir=$(CV_DIR) data.fold=0,1,2,3,4
 	$(PY) -m ichseg.report "$$(ls -d $(CV_DIR)/train/multiruns/*/ | tail -n 1)"
+
+# The paper recipe against the improved recipes (docs/recipes.md): every row a real training run on
+# the same phantom split at the same small CPU budget; one table, exit 1 when windowed_plus does not
+# beat the paper recipe on Dice and false-positive mL. More rows: make compare COMPARE_ARGS="--all"
+# (one per switch) or COMPARE_ARGS="--ablations" (windowed_plus without each switch).
+# Outputs in outputs/compare/<time>/ (compare.md, compare.json, one folder a recipe).
+COMPARE_ARGS ?=
+
+compare: install
+	$(PY) bench/compare_recipes.py $(COMPARE_ARGS)
 
 # The benchmarks share one full-size phantom NIfTI release (75 patients, 512x512), made once.
 BENCH_PHANTOM ?= outputs/bench/phantom-nifti

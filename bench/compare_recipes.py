@@ -21,13 +21,15 @@ row per switch on top of ``paper_lr``):
                      0.5 + closing/opening. At 1e-5 it learns next to nothing in a CPU budget.
 ``paper_lr``         the same at the demo's learning rate, 1e-3: isolates the other changes.
 ``+dice_bce``        ``paper_lr`` + Dice + BCE loss.
+``+bce_pos_weight``  ``paper_lr`` + BCE with ICH pixels weighted 10x (``pos_weight``).
 ``+batch_norm``      ``paper_lr`` + batch normalisation.
 ``+conv1x1_head``    ``paper_lr`` + a 1x1 output convolution instead of the 2-filter ReLU one.
 ``+windows``         ``paper_lr`` + brain, subdural and bone windows as channels.
 ``+context``         ``paper_lr`` + 2.5D input (one neighbouring slice on each side).
 ``+oversample``      ``paper_lr`` + foreground oversampling (a third of every batch).
 ``+tuned``           ``paper_lr`` + Gaussian stitching, threshold / post-processing tuned on val.
-``windowed_plus``    ``experiment=windowed_plus``: everything above, Adam 1e-3 with cosine decay.
+``windowed_plus``    ``experiment=windowed_plus``: the switches above but the weighted BCE,
+                     Adam 1e-3 with cosine decay.
 ``full_slice_plus``  ``experiment=full_slice_plus``: whole slices, the same improvements.
 ``plus-<switch>``    ``--ablations``: ``windowed_plus`` with one switch turned back to the paper's.
 ===================  ==============================================================================
@@ -40,8 +42,8 @@ seconds, with the Dice and false-positive differences against the ``paper`` row;
 ``compare.md`` go into ``--out`` (default ``outputs/compare/<time>``), each run into its own folder.
 
     python bench/compare_recipes.py                 # about 5 minutes on 2 CPU cores
-    python bench/compare_recipes.py --all           # one row per switch as well (about 12 minutes)
-    python bench/compare_recipes.py --ablations     # windowed_plus without each switch (+15 min)
+    python bench/compare_recipes.py --all           # one row per switch as well (about 15 minutes)
+    python bench/compare_recipes.py --ablations     # windowed_plus without each switch (+20 min)
     python bench/compare_recipes.py --size 256 --epochs 12 --out outputs/compare/big
 
 Exit status: 0 when ``windowed_plus`` beats ``paper`` on both (or when either row was not run),
@@ -63,6 +65,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 PAPER_LR = ["model.optimizer.lr=1e-3"]
+BCE_POS_WEIGHT = [
+    "model.loss={_target_: ichseg.losses.DiceBCELoss, dice_weight: 0.0, bce_weight: 1.0, "
+    "pos_weight: 10.0}"
+]
 DICE_BCE = ["model.loss={_target_: ichseg.losses.DiceBCELoss, dice_weight: 1.0, bce_weight: 1.0}"]
 
 #: each improvement: (what it is, the overrides that add it to ``experiment=windowed``, the
@@ -104,6 +110,11 @@ RECIPES: dict[str, tuple[str, list[str]]] = {
         f"+{name}": (f"paper_lr + {text}", ["experiment=windowed", *PAPER_LR, *on])
         for name, (text, on, _) in SWITCHES.items()
     },
+    # the other loss of the list; not part of windowed_plus
+    "+bce_pos_weight": (
+        "paper_lr + BCE with ICH pixels weighted 10x",
+        ["experiment=windowed", *PAPER_LR, *BCE_POS_WEIGHT],
+    ),
     "windowed_plus": ("experiment=windowed_plus (all of the above)", ["experiment=windowed_plus"]),
     "full_slice_plus": (
         "experiment=full_slice_plus (whole slices)",
@@ -115,7 +126,7 @@ RECIPES: dict[str, tuple[str, list[str]]] = {
         for name, (text, _, off) in SWITCHES.items()
     },
 }
-ADDED = tuple(f"+{name}" for name in SWITCHES)
+ADDED = ("+dice_bce", "+bce_pos_weight", *(f"+{name}" for name in SWITCHES if name != "dice_bce"))
 WITHOUT = tuple(f"plus-{name}" for name in SWITCHES)
 DEFAULT_RECIPES = ("paper", "paper_lr", "windowed_plus", "full_slice_plus")
 BASELINE, IMPROVED = "paper", "windowed_plus"
