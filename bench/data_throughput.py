@@ -167,8 +167,7 @@ def throughput(root: Path, seconds: float) -> dict[str, float]:
         for i, w in windows_of.items()
     }
     masks = {
-        i: crop_packed_windows(dataset.store.masks, w, dataset.grid)
-        for i, w in windows_of.items()
+        i: crop_packed_windows(dataset.store.masks, w, dataset.grid) for i, w in windows_of.items()
     }
     affine = dataset.augmentation.transform
 

@@ -50,14 +50,22 @@ print(json.dumps({"peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxr
 
 
 def run_json(code: str, *args: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", code, *args], check=True, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code, *args], check=True, capture_output=True, text=True
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--root", type=Path, help="an existing NIfTI release to read instead of a phantom")
-    parser.add_argument("--patients", type=int, default=75, help="phantom patients (default 75, the full size)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--root", type=Path, help="an existing NIfTI release to read instead of a phantom"
+    )
+    parser.add_argument(
+        "--patients", type=int, default=75, help="phantom patients (default 75, the full size)"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the generated phantom")
     args = parser.parse_args()
 
@@ -70,7 +78,10 @@ def main() -> int:
         root = workdir / "ct-ich-phantom"
         start = time.perf_counter()
         generate_phantom(root, release="nifti", n_patients=args.patients, seed=0, progress=True)
-        print(f"generated phantom: {args.patients} patients in {time.perf_counter() - start:.1f} s at {root}")
+        print(
+            f"generated phantom: {args.patients} patients in "
+            f"{time.perf_counter() - start:.1f} s at {root}"
+        )
     try:
         baseline = run_json(BASELINE)
         result = run_json(READER, str(root))
@@ -84,9 +95,18 @@ def main() -> int:
     ratio = peak / int16_bytes
     print(f"patients read            {result['patients']}")
     print(f"raw int16 size           {int16_bytes / 2**20:9.1f} MiB")
-    print(f"read time                {result['seconds']:9.2f} s     (target <= {TARGET_SECONDS:.0f} s)")
-    print(f"peak memory (process)    {peak / 2**20:9.1f} MiB  = {ratio:.3f} x int16 size (target <= {TARGET_MEMORY_RATIO:.0f}x)")
-    print(f"  of which imports       {baseline['peak_bytes'] / 2**20:9.1f} MiB; reading added {added / 2**20:.1f} MiB")
+    print(
+        f"read time                {result['seconds']:9.2f} s     "
+        f"(target <= {TARGET_SECONDS:.0f} s)"
+    )
+    print(
+        f"peak memory (process)    {peak / 2**20:9.1f} MiB  = {ratio:.3f} x int16 size "
+        f"(target <= {TARGET_MEMORY_RATIO:.0f}x)"
+    )
+    print(
+        f"  of which imports       {baseline['peak_bytes'] / 2**20:9.1f} MiB; "
+        f"reading added {added / 2**20:.1f} MiB"
+    )
     ok = result["seconds"] <= TARGET_SECONDS and ratio <= TARGET_MEMORY_RATIO
     print("targets met" if ok else "TARGETS MISSED")
     return 0 if ok else 1

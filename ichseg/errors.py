@@ -25,7 +25,9 @@ class DatasetError(IchsegError):
 
 
 class DatasetProblems(DatasetError):
-    """Several dataset problems found at once (by the dataset check); ``problems`` lists them all."""
+    """Several dataset problems found at once (by the dataset check);
+    ``problems`` lists them all.
+    """
 
     def __init__(self, problems: list[DatasetError]) -> None:
         self.problems = list(problems)

@@ -57,13 +57,15 @@ class ICHSegmentationModule(pl.LightningModule):
         loss: a loss module on (logits, target); default ``BCEWithLogitsLoss(pos_weight)``.
         pos_weight: weight of the positive (ICH) pixels in the default BCE.
         threshold: probability threshold for the validation metrics.
-        image_log_every_n_epochs: log the overlay grid of a fixed validation batch this often (0: never).
+        image_log_every_n_epochs: log the overlay grid of a fixed validation batch this often
+            (0: never).
         image_log_samples: samples in that grid.
         channels_last: run the network in channels-last memory format (faster convolutions on GPUs).
         compile: ``torch.compile`` the network's forward.
         check_finite_loss: stop with a clear error when the training loss is NaN or infinite.
         meta: plain-data description of the run (model and preprocessing config) stored in every
-            checkpoint under ``"ichseg"``, so that prediction can rebuild the network and its inputs.
+            checkpoint under ``"ichseg"``, so that prediction can rebuild the network and its
+            inputs.
     """
 
     def __init__(
@@ -83,12 +85,16 @@ class ICHSegmentationModule(pl.LightningModule):
         meta: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["net", "optimizer", "scheduler", "loss", "meta"], logger=False)
+        self.save_hyperparameters(
+            ignore=["net", "optimizer", "scheduler", "loss", "meta"], logger=False
+        )
         self.net = net
         self.optimizer_factory = optimizer or partial(torch.optim.Adam, lr=1e-5)
         self.scheduler_factory = scheduler
         if scheduler_interval not in ("step", "epoch"):
-            raise ValueError(f"scheduler_interval must be 'step' or 'epoch', not {scheduler_interval!r}")
+            raise ValueError(
+                f"scheduler_interval must be 'step' or 'epoch', not {scheduler_interval!r}"
+            )
         self.scheduler_interval = scheduler_interval
         if loss is None:
             weight = None if pos_weight is None else torch.tensor([float(pos_weight)])
@@ -137,17 +143,28 @@ class ICHSegmentationModule(pl.LightningModule):
         loss = self.loss(logits.float(), batch["mask"].float())
         if self.check_finite_loss and not torch.isfinite(loss):
             raise NonFiniteLossError(
-                f"the training loss is {loss.item()} at epoch {self.current_epoch}, step {self.global_step} "
+                f"the training loss is {loss.item()} at epoch {self.current_epoch}, "
+                f"step {self.global_step} "
                 f"(batch {batch_idx}); lower the learning rate or check the input data"
             )
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=len(logits))
+        self.log(
+            "train/loss",
+            loss,
+            on_step=True,
+            on_epoch=True,
+            prog_bar=True,
+            sync_dist=True,
+            batch_size=len(logits),
+        )
         return loss
 
     def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> None:
         logits = self(batch["image"])
         target = batch["mask"]
         loss = self.loss(logits.float(), target.float())
-        self.log("val/loss", loss, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=len(logits))
+        self.log(
+            "val/loss", loss, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=len(logits)
+        )
         predicted = (torch.sigmoid(logits.float()) > self.threshold).int()
         self.val_metrics.update(predicted, target.int())
         if batch_idx == 0 and self._fixed_val_batch is None:
@@ -174,7 +191,9 @@ class ICHSegmentationModule(pl.LightningModule):
         target = batch["mask"]
         loss = self.loss(logits.float(), target.float())
         self.log("test/loss", loss, on_epoch=True, sync_dist=True, batch_size=len(logits))
-        self.test_metrics.update((torch.sigmoid(logits.float()) > self.threshold).int(), target.int())
+        self.test_metrics.update(
+            (torch.sigmoid(logits.float()) > self.threshold).int(), target.int()
+        )
 
     def on_test_epoch_start(self) -> None:
         self.test_metrics.reset()

@@ -1,8 +1,8 @@
 """Train one cross-validation round: ``python -m ichseg.train [overrides]`` (also ``ichseg-train``).
 
-A thin Hydra entry point: compose ``conf/train.yaml`` with the chosen experiment and overrides, seed,
-instantiate the DataModule, the LightningModule, callbacks, loggers and the Trainer, fit, test with
-the best-validation checkpoint, and print where the outputs are. :func:`train` takes a composed
+A thin Hydra entry point: compose ``conf/train.yaml`` with the chosen experiment and overrides,
+seed, instantiate the DataModule, the LightningModule, callbacks, loggers and the Trainer, fit, test
+with the best-validation checkpoint, and print where the outputs are. :func:`train` takes a composed
 config and returns the metrics, for tests and sweeps.
 
 Examples::
@@ -45,7 +45,9 @@ def register_resolvers() -> None:
 
 
 def ensure_phantom(data_cfg: DictConfig) -> None:
-    """Generate the phantom dataset into ``data.root`` when the config asks for one and it is absent."""
+    """Generate the phantom dataset into ``data.root`` when the config asks for one
+    and it is absent.
+    """
     phantom = data_cfg.get("phantom")
     if phantom is None:
         return
@@ -56,7 +58,9 @@ def ensure_phantom(data_cfg: DictConfig) -> None:
 
     print(f"[{PROG}] generating the phantom dataset into {root}", file=sys.stderr)
     slices = phantom.slices
-    n_slices = (int(slices), int(slices)) if isinstance(slices, int) else tuple(int(s) for s in slices)
+    n_slices = (
+        (int(slices), int(slices)) if isinstance(slices, int) else tuple(int(s) for s in slices)
+    )
     generate_phantom(
         root,
         release=phantom.release,
@@ -73,7 +77,8 @@ def check_data_root(data_cfg: DictConfig) -> None:
     root = Path(str(data_cfg.get("root", "")))
     if data_cfg.get("phantom") is None and not root.exists():
         raise ConfigError(
-            f"{root}: CT-ICH dataset not found; download it from https://physionet.org/content/ct-ich/ "
+            f"{root}: CT-ICH dataset not found; "
+            "download it from https://physionet.org/content/ct-ich/ "
             "(README, 'The data') and pass data.root=PATH or set ICHSEG_DATA, "
             "or train on the generated phantom with data=phantom (or experiment=demo)"
         )
@@ -82,7 +87,15 @@ def check_data_root(data_cfg: DictConfig) -> None:
 def checkpoint_meta(cfg: DictConfig) -> dict[str, Any]:
     """What prediction needs to rebuild the network and its inputs, as plain data."""
     data = cfg.data
-    keys = ("mode", "window", "stride", "working_size", "working_mode", "channels", "context_slices")
+    keys = (
+        "mode",
+        "window",
+        "stride",
+        "working_size",
+        "working_mode",
+        "channels",
+        "context_slices",
+    )
     return {
         "format": "ichseg-checkpoint",
         "version": 1,
@@ -97,9 +110,15 @@ def resolve_ckpt_path(cfg: DictConfig) -> str | None:
     value = cfg.get("ckpt_path")
     if value in (None, ""):
         return None
-    path = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt" if value == "last" else Path(value)
+    path = (
+        Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt" if value == "last" else Path(value)
+    )
     if not path.is_file():
-        hint = " (to resume, run in the same folder: hydra.run.dir=<run dir> ckpt_path=last)" if value == "last" else ""
+        hint = (
+            " (to resume, run in the same folder: hydra.run.dir=<run dir> ckpt_path=last)"
+            if value == "last"
+            else ""
+        )
         raise ConfigError(f"{path}: checkpoint to resume from does not exist{hint}")
     return str(path)
 
@@ -122,7 +141,11 @@ def instantiate_dict(section: DictConfig | None) -> list[Any]:
 
     if not section:
         return []
-    return [instantiate(entry) for entry in section.values() if isinstance(entry, DictConfig) and "_target_" in entry]
+    return [
+        instantiate(entry)
+        for entry in section.values()
+        if isinstance(entry, DictConfig) and "_target_" in entry
+    ]
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -135,7 +158,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     datamodule = build_datamodule(cfg)
     model = instantiate(cfg.model)
-    model.meta = checkpoint_meta(cfg)  # plain data, set after instantiate so "_target_" stays a string
+    model.meta = checkpoint_meta(
+        cfg
+    )  # plain data, set after instantiate so "_target_" stays a string
     callbacks = instantiate_dict(cfg.get("callbacks"))
     loggers = instantiate_dict(cfg.get("logger"))
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
@@ -147,10 +172,17 @@ def train(cfg: DictConfig) -> dict[str, float]:
         trainer.fit(model, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg))
         metrics.update(_floats(trainer.callback_metrics))
     if cfg.get("test", True):
-        best = getattr(trainer.checkpoint_callback, "best_model_path", "") if cfg.get("train", True) else ""
+        best = (
+            getattr(trainer.checkpoint_callback, "best_model_path", "")
+            if cfg.get("train", True)
+            else ""
+        )
         ckpt = best or None
         if ckpt is None and cfg.get("train", True):
-            print(f"[{PROG}] no best checkpoint was saved: testing the current weights", file=sys.stderr)
+            print(
+                f"[{PROG}] no best checkpoint was saved: testing the current weights",
+                file=sys.stderr,
+            )
         trainer.test(model, datamodule=datamodule, ckpt_path=ckpt)
         metrics.update(_floats(trainer.callback_metrics))
     _print_outputs(cfg, trainer)
@@ -180,7 +212,8 @@ def share_splits_in_sweep(cfg: DictConfig) -> None:
     """In a multirun (e.g. the 5 folds) all jobs share ``<sweep dir>/splits.json``.
 
     The first job to get there writes it (atomically; the split is deterministic, so jobs started
-    at the same time write the same file) and the others read it, unless ``data.splits_file`` is set.
+    at the same time write the same file) and the others read it, unless ``data.splits_file`` is
+    set.
     """
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode

@@ -17,7 +17,9 @@ from ichseg.data.check import check_dataset, main
 def run_check(root):
     return subprocess.run(
         [sys.executable, "-m", "ichseg.data.check", str(root), "--no-progress"],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
 
@@ -30,7 +32,9 @@ def test_clean_nifti_phantom_summary(nifti_phantom):
     assert report.n_patients == 12 and report.n_slices == expected_slices
     assert report.n_ich_slices == expected_ich
     assert report.patients_with_ich == sum(p.subtypes.any() for p in nifti_phantom.patients)
-    assert report.ich_slices_by_subtype["EDH"] == sum(int(p.subtypes[:, 3].sum()) for p in nifti_phantom.patients)
+    assert report.ich_slices_by_subtype["EDH"] == sum(
+        int(p.subtypes[:, 3].sum()) for p in nifti_phantom.patients
+    )
     assert report.image_sizes == {(96, 96): 12}
     text = report.format()
     assert "NIfTI release 1.3.x" in text and "OK: no problems found" in text
@@ -89,9 +93,22 @@ def remove_rows(root):
         (lambda root: shutil.rmtree(root / "ct_scans"), "ct_scans: folder missing"),
         (corrupt_column, "hemorrhage_diagnosis_raw_ct.csv: missing column(s) Epidural"),
         (add_orphan_rows, "hemorrhage_diagnosis_raw_ct.csv: rows for patient 60 but no images"),
-        (remove_rows, "ct_scans/053.nii: images of patient 53 have no rows in hemorrhage_diagnosis_raw_ct.csv"),
+        (
+            remove_rows,
+            "ct_scans/053.nii: images of patient 53 "
+            "have no rows in hemorrhage_diagnosis_raw_ct.csv",
+        ),
     ],
-    ids=["truncated", "nan", "mask-shape", "no-mask", "no-ct_scans", "csv-column", "orphan-rows", "no-rows"],
+    ids=[
+        "truncated",
+        "nan",
+        "mask-shape",
+        "no-mask",
+        "no-ct_scans",
+        "csv-column",
+        "orphan-rows",
+        "no-rows",
+    ],
 )
 def test_each_nifti_problem_is_named_and_exits_2(nifti_copy, damage, expected):
     damage(nifti_copy)

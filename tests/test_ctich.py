@@ -147,15 +147,27 @@ def test_loading_is_lazy(nifti_copy):
     "damage,message",
     [
         (lambda root: shutil.rmtree(root / "masks"), r"masks: folder missing"),
-        (lambda root: (root / "masks" / "052.nii").unlink(), r"ct_scans/052\.nii: scan has no mask"),
+        (
+            lambda root: (root / "masks" / "052.nii").unlink(),
+            r"ct_scans/052\.nii: scan has no mask",
+        ),
         (lambda root: (root / "hemorrhage_diagnosis_raw_ct.csv").unlink(), r"label CSV missing"),
-        (lambda root: (root / "ct_scans" / "053.nii").unlink(), r"masks/053\.nii: mask has no scan"),
+        (
+            lambda root: (root / "ct_scans" / "053.nii").unlink(),
+            r"masks/053\.nii: mask has no scan",
+        ),
         (
             lambda root: [(root / sub / "053.nii").unlink() for sub in ("ct_scans", "masks")],
             r"rows for patient 53 but no images",
         ),
     ],
-    ids=["no-masks-folder", "scan-without-mask", "no-label-csv", "mask-without-scan", "rows-without-images"],
+    ids=[
+        "no-masks-folder",
+        "scan-without-mask",
+        "no-label-csv",
+        "mask-without-scan",
+        "rows-without-images",
+    ],
 )
 def test_structural_problems_raise_with_file_names(nifti_copy, damage, message):
     damage(nifti_copy)
@@ -174,8 +186,14 @@ def test_several_problems_are_reported_together(nifti_copy):
 
 def test_mask_shape_mismatch(nifti_copy):
     mask = nib.load(nifti_copy / "masks" / "049.nii", mmap=False)
-    nib.save(nib.Nifti1Image(np.asarray(mask.dataobj)[:, :-1], mask.affine), nifti_copy / "masks" / "049.nii")
-    with pytest.raises(DatasetError, match=r"masks/049\.nii: mask shape \(96, 95, \d+\) differs from its scan 049\.nii"):
+    nib.save(
+        nib.Nifti1Image(np.asarray(mask.dataobj)[:, :-1], mask.affine),
+        nifti_copy / "masks" / "049.nii",
+    )
+    with pytest.raises(
+        DatasetError,
+        match=r"masks/049\.nii: mask shape \(96, 95, \d+\) differs from its scan 049\.nii",
+    ):
         open_dataset(nifti_copy).load(49)
 
 

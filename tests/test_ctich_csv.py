@@ -38,13 +38,19 @@ def test_label_csv_with_and_without_bom_and_crlf(tmp_path, bom, crlf):
 
 
 def test_label_csv_missing_column_names_file_and_column(tmp_path):
-    path = write(tmp_path / "hemorrhage_diagnosis_raw_ct.csv", LABEL_HEADER.replace(",Subdural", "") + "\n")
-    with pytest.raises(DatasetError, match=r"hemorrhage_diagnosis_raw_ct\.csv: missing column\(s\) Subdural"):
+    path = write(
+        tmp_path / "hemorrhage_diagnosis_raw_ct.csv", LABEL_HEADER.replace(",Subdural", "") + "\n"
+    )
+    with pytest.raises(
+        DatasetError, match=r"hemorrhage_diagnosis_raw_ct\.csv: missing column\(s\) Subdural"
+    ):
         read_slice_labels(path)
 
 
 def test_label_csv_gap_in_slice_numbers(tmp_path):
-    path = write(tmp_path / "labels.csv", f"{LABEL_HEADER}\n49,1,0,0,0,0,0,1,0\n49,3,0,0,0,0,0,1,0\n")
+    path = write(
+        tmp_path / "labels.csv", f"{LABEL_HEADER}\n49,1,0,0,0,0,0,1,0\n49,3,0,0,0,0,0,1,0\n"
+    )
     with pytest.raises(DatasetError, match="slice numbers of patient 49 are not 1..2"):
         read_slice_labels(path)
 
@@ -57,19 +63,23 @@ def test_label_csv_non_numeric_value(tmp_path):
 
 def test_demographics_1_0_0_header_with_newline_inside_quotes(tmp_path):
     text = (
-        '"Patient Number","Age\n(years)","Gender","Intraventricular","Intraparenchymal","Subarachnoid",'
+        '"Patient Number","Age\n(years)","Gender",'
+        '"Intraventricular","Intraparenchymal","Subarachnoid",'
         '"Epidural","Subdural","Fracture (Yes/No)","Condition on file","Note"\n'
         "49,35,Male,,,,1,,1,Hemorrhage,\n"
         "50,0.5,Female,,,,,,,No Hemorrhage,premature\n"
     )
-    demographics = read_demographics(write(tmp_path / "patient_demographics.csv", text, bom=True, crlf=True))
+    demographics = read_demographics(
+        write(tmp_path / "patient_demographics.csv", text, bom=True, crlf=True)
+    )
     assert demographics[49].age == 35 and demographics[49].gender == "Male"
     assert demographics[50].age == 0.5 and demographics[50].note == "premature"
 
 
 def test_demographics_1_3_x_merged_header_and_subheader_row(tmp_path):
     text = (
-        'Patient Number,"Age\n(years)",Gender,Hemorrhage type based on the radiologists diagnosis ,,,,,'
+        'Patient Number,"Age\n(years)",Gender,'
+        "Hemorrhage type based on the radiologists diagnosis ,,,,,"
         "Fracture (yes 1/no 0),Note1\n"
         ",,,Intraventricular,Intraparenchymal,Subarachnoid,Epidural,Subdural,,\n"
         "49,35,Male,,,,1,,1,\n"

@@ -1,4 +1,6 @@
-"""The LightningModule: loss, metrics on a perfect prediction, NaN guard, schedules, checkpoints, images."""
+"""The LightningModule: loss, metrics on a perfect prediction, NaN guard, schedules, checkpoints,
+images.
+"""
 
 from functools import partial
 
@@ -44,8 +46,14 @@ class Oracle(nn.Module):
 
 def trainer(tmp_path, **kwargs):
     defaults = dict(
-        default_root_dir=tmp_path, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+        default_root_dir=tmp_path,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
     )
     defaults.update(kwargs)
     return pl.Trainer(**defaults)
@@ -67,7 +75,9 @@ def test_empty_prediction_scores_zero(tmp_path):
         def forward(self, x):
             return torch.full_like(x[:, :1], -10.0) * self.scale / self.scale
 
-    metrics = trainer(tmp_path).validate(ICHSegmentationModule(Nothing()), loader(), verbose=False)[0]
+    metrics = trainer(tmp_path).validate(ICHSegmentationModule(Nothing()), loader(), verbose=False)[
+        0
+    ]
     assert metrics["val/jaccard"] == 0.0 and metrics["val/dice"] == 0.0
     assert metrics["val/loss"] == pytest.approx(
         nn.functional.binary_cross_entropy_with_logits(
@@ -80,7 +90,8 @@ def test_empty_prediction_scores_zero(tmp_path):
 def test_training_learns_squares(tmp_path):
     torch.manual_seed(0)
     module = ICHSegmentationModule(
-        UNet(base_filters=8, depth=2, norm="batch", dropout=0.0), optimizer=partial(torch.optim.Adam, lr=3e-3)
+        UNet(base_filters=8, depth=2, norm="batch", dropout=0.0),
+        optimizer=partial(torch.optim.Adam, lr=3e-3),
     )
     before = trainer(tmp_path).validate(module, loader(seed=1), verbose=False)[0]
     trainer(tmp_path, max_epochs=30).fit(module, loader(n=32), loader(seed=1))
@@ -133,13 +144,17 @@ def test_overlay_grid_is_logged_to_tensorboard(tmp_path):
 
     logger = TensorBoardLogger(tmp_path, name="run")
     module = ICHSegmentationModule(Oracle(), image_log_every_n_epochs=1, image_log_samples=3)
-    trainer(tmp_path, logger=logger, max_epochs=1, limit_train_batches=1).fit(module, loader(), loader())
+    trainer(tmp_path, logger=logger, max_epochs=1, limit_train_batches=1).fit(
+        module, loader(), loader()
+    )
     events = EventAccumulator(logger.log_dir)
     events.Reload()
     (tag,) = events.Tags()["images"]
     image = events.Images(tag)[0]
     assert (image.height, image.width) == (3 * 32 + 2 * 2, 3 * 32 + 2 * 2)
-    assert {"train/loss_epoch", "val/loss", "val/jaccard", "val/dice"} <= set(events.Tags()["scalars"])
+    assert {"train/loss_epoch", "val/loss", "val/jaccard", "val/dice"} <= set(
+        events.Tags()["scalars"]
+    )
 
 
 def test_channels_last_gives_the_same_logits():
@@ -154,13 +169,17 @@ def test_channels_last_gives_the_same_logits():
 
 def test_test_step_logs_window_metrics(tmp_path):
     metrics = trainer(tmp_path).test(ICHSegmentationModule(Oracle()), loader(), verbose=False)[0]
-    assert metrics["test/jaccard"] == pytest.approx(1.0) and metrics["test/dice"] == pytest.approx(1.0)
+    assert metrics["test/jaccard"] == pytest.approx(1.0) and metrics["test/dice"] == pytest.approx(
+        1.0
+    )
     assert "test/loss" in metrics
 
 
 def test_bf16_mixed_precision_trains_and_scores(tmp_path):
     torch.manual_seed(0)
-    module = ICHSegmentationModule(UNet(base_filters=4, depth=2, norm="batch"), optimizer=partial(torch.optim.Adam, lr=3e-3))
+    module = ICHSegmentationModule(
+        UNet(base_filters=4, depth=2, norm="batch"), optimizer=partial(torch.optim.Adam, lr=3e-3)
+    )
     fit = trainer(tmp_path, max_epochs=2, precision="bf16-mixed")
     fit.fit(module, loader(n=8), loader(seed=1))
     metrics = fit.validate(module, loader(seed=1), verbose=False)[0]

@@ -1,14 +1,16 @@
-"""The package metadata lists every subpackage, and conf/ ships inside the package as ichseg.conf."""
+"""The package metadata lists every subpackage, and conf/ ships inside the package as
+ichseg.conf.
+"""
 
 import importlib.resources
 import shutil
 import subprocess
 import sys
-import tomllib
 import zipfile
 from pathlib import Path
 
 import pytest
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,7 +46,18 @@ def test_wheel_contains_configs_and_all_modules(tmp_path):
     if shutil.which("git") is None:
         pytest.skip("git is needed to copy the checkout")
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(ROOT)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(ROOT),
+        ],
         check=True,
     )
     (wheel,) = tmp_path.glob("ichseg-*.whl")

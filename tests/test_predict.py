@@ -428,7 +428,9 @@ def test_allow_list_never_imports(tmp_path, tiny_state_dict, monkeypatch):
 
 
 def test_threshold_baseline_checkpoint_predicts_its_band(tmp_path):
-    """A checkpoint of experiment=threshold predicts exactly the brain-window band, in the scan's grid."""
+    """A checkpoint of experiment=threshold predicts exactly the brain-window band,
+    in the scan's grid.
+    """
     from ichseg.data.windowing import apply_window
     from ichseg.eval.postprocess import THRESHOLD_ONLY
     from ichseg.predict import load_predictor, predict_volume

@@ -139,7 +139,9 @@ def test_improved_recipe_beats_the_paper_recipe_on_the_phantom(tmp_path):
 
 
 def test_every_recipe_composes_and_each_switch_changes_its_base(tmp_path):
-    """``+x`` differs from ``paper_lr`` and ``plus-x`` from ``windowed_plus``, each by its switch."""
+    """``+x`` differs from ``paper_lr`` and ``plus-x`` from ``windowed_plus``,
+    each by its switch.
+    """
     bench = load_bench()
     common = bench.shared_overrides(tmp_path / "phantom", tmp_path, 128, 2, 8, 20, 12)
 

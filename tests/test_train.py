@@ -59,15 +59,28 @@ def test_every_experiment_composes_and_resolves(experiment, tmp_path):
 
 
 def test_paper_settings_of_the_windowed_experiment(tmp_path):
-    cfg = OmegaConf.to_container(compose_train(["experiment=windowed"], tmp_path / "run"), resolve=True)
+    cfg = OmegaConf.to_container(
+        compose_train(["experiment=windowed"], tmp_path / "run"), resolve=True
+    )
     data, model = cfg["data"], cfg["model"]
-    assert (data["window"], data["stride"], data["working_size"], data["batch_size"]) == (160, 80, 640, 32)
-    assert data["mode"] == "windowed" and data["undersampling"] == "paper" and data["channels"] == ["brain"]
+    assert (data["window"], data["stride"], data["working_size"], data["batch_size"]) == (
+        160,
+        80,
+        640,
+        32,
+    )
+    assert (
+        data["mode"] == "windowed"
+        and data["undersampling"] == "paper"
+        and data["channels"] == ["brain"]
+    )
     assert model["optimizer"]["lr"] == 1e-5 and cfg["trainer"]["max_epochs"] == 150
     assert model["net"]["base_filters"] == 64 and model["net"]["norm"] == "none"
     assert model["scheduler"]["decay"] == pytest.approx(1e-5 / 150)
     assert data["exclude"] == [70]
-    full = OmegaConf.to_container(compose_train(["experiment=full_slice"], tmp_path / "run"), resolve=True)
+    full = OmegaConf.to_container(
+        compose_train(["experiment=full_slice"], tmp_path / "run"), resolve=True
+    )
     assert full["data"]["mode"] == "full_slice" and full["data"]["batch_size"] == 2
 
 
@@ -87,10 +100,14 @@ def test_demo_trains_tests_and_writes_outputs(tmp_path):
     run = tmp_path / "outputs" / "run"
     cfg = compose_train(["experiment=demo", *TINY], run)
     metrics = train(cfg)
-    assert {"train/loss_epoch", "val/loss", "val/jaccard", "test/dice", "test/jaccard"} <= set(metrics)
+    assert {"train/loss_epoch", "val/loss", "val/jaccard", "test/dice", "test/jaccard"} <= set(
+        metrics
+    )
     assert all(value == value for value in metrics.values())  # no NaN
     checkpoints = sorted(p.name for p in (run / "checkpoints").iterdir())
-    assert "last.ckpt" in checkpoints and any(name.startswith("best-epoch000-jaccard") for name in checkpoints)
+    assert "last.ckpt" in checkpoints and any(
+        name.startswith("best-epoch000-jaccard") for name in checkpoints
+    )
     assert (run / "splits.json").is_file()
     assert any((run / "tensorboard").glob("events.out.tfevents.*"))
     best = next(p for p in (run / "checkpoints").iterdir() if p.name.startswith("best"))
@@ -109,17 +126,33 @@ def test_fast_dev_run_debug_preset(tmp_path):
 
 def test_resume_needs_an_existing_checkpoint(tmp_path):
     cfg = compose_train(["ckpt_path=last"], tmp_path / "run")
-    with pytest.raises(ConfigError, match=r"checkpoints/last\.ckpt: checkpoint to resume from does not exist"):
+    with pytest.raises(
+        ConfigError, match=r"checkpoints/last\.ckpt: checkpoint to resume from does not exist"
+    ):
         resolve_ckpt_path(cfg)
 
 
 def test_missing_dataset_says_how_to_get_it(tmp_path):
-    env = {**os.environ, "ICHSEG_DATA": str(tmp_path / "nowhere"), "ICHSEG_OUTPUTS": str(tmp_path / "out")}
+    env = {
+        **os.environ,
+        "ICHSEG_DATA": str(tmp_path / "nowhere"),
+        "ICHSEG_OUTPUTS": str(tmp_path / "out"),
+    }
     result = subprocess.run(
         [sys.executable, "-m", "ichseg.train", "experiment=windowed"],
-        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
     )
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
-    line = next(line for line in result.stderr.splitlines() if line.startswith("ichseg.train: error:"))
-    assert str(tmp_path / "nowhere") in line and "physionet.org/content/ct-ich" in line and "data=phantom" in line
+    line = next(
+        line for line in result.stderr.splitlines() if line.startswith("ichseg.train: error:")
+    )
+    assert (
+        str(tmp_path / "nowhere") in line
+        and "physionet.org/content/ct-ich" in line
+        and "data=phantom" in line
+    )

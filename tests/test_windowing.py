@@ -1,4 +1,6 @@
-"""HU windowing presets, the int16 look-up path, channel stacking and the working-size resampling."""
+"""HU windowing presets, the int16 look-up path, channel stacking and the working-size
+resampling.
+"""
 
 import numpy as np
 import pytest
@@ -38,7 +40,9 @@ def test_lookup_table_equals_direct_formula_for_every_int16():
         )
         np.testing.assert_allclose(apply_window(hu, name, np.float32), expected, atol=1e-7)
         # float input goes through the direct path and agrees
-        np.testing.assert_allclose(apply_window(hu.astype(np.float32), name, np.float32), expected, atol=1e-6)
+        np.testing.assert_allclose(
+            apply_window(hu.astype(np.float32), name, np.float32), expected, atol=1e-6
+        )
 
 
 def test_stack_windows_puts_channels_first():

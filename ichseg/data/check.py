@@ -44,12 +44,18 @@ class CheckReport:
 
     def format(self) -> str:
         """The human-readable report printed by the command."""
-        release_name = {"nifti": "NIfTI release 1.3.x", "jpg": "JPG release 1.0-1.2"}.get(self.release or "", "unknown")
+        release_name = {"nifti": "NIfTI release 1.3.x", "jpg": "JPG release 1.0-1.2"}.get(
+            self.release or "", "unknown"
+        )
         lines = [f"CT-ICH dataset check: {self.root} ({release_name})"]
         if self.release is not None:
-            lines.append(f"  patients            {self.n_patients} ({self.patients_with_ich} with ICH)")
+            lines.append(
+                f"  patients            {self.n_patients} ({self.patients_with_ich} with ICH)"
+            )
             lines.append(f"  slices              {self.n_slices} ({self.n_ich_slices} with ICH)")
-            by_type = ", ".join(f"{name} {self.ich_slices_by_subtype.get(name, 0)}" for name in SUBTYPES)
+            by_type = ", ".join(
+                f"{name} {self.ich_slices_by_subtype.get(name, 0)}" for name in SUBTYPES
+            )
             lines.append(f"  ICH slices by type  {by_type}")
             sizes = ", ".join(f"{w}x{h} ({n})" for (h, w), n in self.image_sizes.most_common())
             lines.append(f"  image size          {sizes or '-'}")
@@ -66,7 +72,9 @@ class CheckReport:
 
 
 def check_dataset(root: str | Path, progress: bool = False) -> CheckReport:
-    """Index and decode every scan under ``root``, collecting all problems (never raises on data)."""
+    """Index and decode every scan under ``root``, collecting all problems
+    (never raises on data).
+    """
     report = CheckReport(root=Path(root))
     dataset, report.problems = index_dataset(root)
     if dataset is None:
@@ -107,7 +115,9 @@ def _summarise_labels(dataset: CTICHDataset, report: CheckReport) -> None:
                 report.ages.append(demographics.age)
             if demographics.gender:
                 report.genders[demographics.gender] += 1
-    report.ich_slices_by_subtype = {name: int(n) for name, n in zip(SUBTYPES, subtype_counts)}
+    report.ich_slices_by_subtype = {
+        name: int(n) for name, n in zip(SUBTYPES, subtype_counts, strict=True)
+    }
 
 
 def _check_scan(scan: Scan, report: CheckReport) -> None:
@@ -121,12 +131,17 @@ def _check_scan(scan: Scan, report: CheckReport) -> None:
     unlabelled = np.flatnonzero(has_mask & ~labelled) + 1
     empty = np.flatnonzero(labelled & ~has_mask) + 1
     if unlabelled.size:
-        report.warnings.append(f"{source}: mask pixels on slice(s) {_numbers(unlabelled)} labelled No_Hemorrhage")
+        report.warnings.append(
+            f"{source}: mask pixels on slice(s) {_numbers(unlabelled)} labelled No_Hemorrhage"
+        )
     if empty.size:
-        report.warnings.append(f"{source}: empty mask on slice(s) {_numbers(empty)} labelled with ICH")
+        report.warnings.append(
+            f"{source}: empty mask on slice(s) {_numbers(empty)} labelled with ICH"
+        )
     if scan.missing_bone_slices:
         report.warnings.append(
-            f"{scan.paths['bone']}: no bone image for slice(s) {_numbers(scan.missing_bone_slices)} (zero-filled)"
+            f"{scan.paths['bone']}: no bone image for slice(s) "
+            f"{_numbers(scan.missing_bone_slices)} (zero-filled)"
         )
 
 
@@ -138,7 +153,11 @@ def _check_sizes(report: CheckReport, sizes: dict[Path, tuple[int, int]]) -> Non
     for folder, (height, width) in sizes.items():
         if (height, width) != (usual_h, usual_w):
             report.problems.append(
-                DatasetError(f"{folder}: slice images are {width}x{height} pixels, expected {usual_w}x{usual_h}", folder)
+                DatasetError(
+                    f"{folder}: slice images are {width}x{height} pixels, "
+                    f"expected {usual_w}x{usual_h}",
+                    folder,
+                )
             )
 
 
@@ -165,8 +184,10 @@ def _demographics_line(ages: list[float], genders: Counter) -> str:
     parts = []
     if ages:
         values = np.asarray(ages)
-        parts.append(f"age {values.mean():.1f} +- {values.std(ddof=1) if len(values) > 1 else 0:.1f} "
-                     f"({values.min():g}-{values.max():g}, {len(values)} patients)")
+        parts.append(
+            f"age {values.mean():.1f} +- {values.std(ddof=1) if len(values) > 1 else 0:.1f} "
+            f"({values.min():g}-{values.max():g}, {len(values)} patients)"
+        )
     if genders:
         parts.append(", ".join(f"{n} {g}" for g, n in sorted(genders.items())))
     return "; ".join(parts)
@@ -176,9 +197,12 @@ def main(argv: list[str] | None = None) -> int:
     """Command-line entry point: print the report, exit 0 when clean and 2 on problems."""
     parser = argparse.ArgumentParser(
         prog="python -m ichseg.data.check",
-        description="Check a PhysioNet CT-ICH release (NIfTI 1.3.x or JPG 1.0-1.2) and summarise it.",
+        description="Check a PhysioNet CT-ICH release (NIfTI 1.3.x or JPG 1.0-1.2) "
+        "and summarise it.",
     )
-    parser.add_argument("root", type=Path, help="dataset root (the folder holding ct_scans/ or Patients_CT/)")
+    parser.add_argument(
+        "root", type=Path, help="dataset root (the folder holding ct_scans/ or Patients_CT/)"
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = parser.parse_args(argv)
 

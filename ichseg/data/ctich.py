@@ -2,8 +2,8 @@
 
 Two layouts exist (REFERENCE.md section 1):
 
-* NIfTI release 1.3.x: ``ct_scans/NNN.nii[.gz]`` (int16 HU, slices on axis 2), ``masks/NNN.nii[.gz]``,
-  ``hemorrhage_diagnosis_raw_ct.csv``, ``Patient_demographics.csv``.
+* NIfTI release 1.3.x: ``ct_scans/NNN.nii[.gz]`` (int16 HU, slices on axis 2),
+  ``masks/NNN.nii[.gz]``, ``hemorrhage_diagnosis_raw_ct.csv``, ``Patient_demographics.csv``.
 * JPG release 1.0-1.2: ``Patients_CT/NNN/brain/K.jpg`` (brain window), ``brain/K_HGE_Seg.jpg``
   (mask, only for slices with ICH), ``bone/K.jpg`` (bone window), ``hemorrhage_diagnosis.csv``,
   ``patient_demographics.csv``.
@@ -145,7 +145,9 @@ class Scan:
             return tuple(WINDOWS)
         return ("brain", "bone")
 
-    def windowed(self, names: Sequence[str] = ("brain",), dtype: np.dtype | type | str = np.uint8) -> np.ndarray:
+    def windowed(
+        self, names: Sequence[str] = ("brain",), dtype: np.dtype | type | str = np.uint8
+    ) -> np.ndarray:
         """The scan as windowed slices, channels stacked: ``(N, C, H, W)`` contiguous.
 
         ``dtype`` uint8 (0-255) or float (0-1). The JPG release offers only ``brain`` and ``bone``.
@@ -167,7 +169,8 @@ class Scan:
         stored = {"brain": self.image, "bone": self.bone}
         if name not in stored or stored[name] is None:
             raise ConfigError(
-                f"the JPG release of patient {self.patient_id:03d} has only brain and bone windows, not {name!r}"
+                f"the JPG release of patient {self.patient_id:03d} has only brain and bone "
+                f"windows, not {name!r}"
             )
         volume = stored[name]
         if dtype == np.uint8:
@@ -200,7 +203,9 @@ def read_slice_labels(path: str | Path) -> dict[int, SliceLabels]:
         try:
             values.append([int(float(row[i])) for i in column])
         except (ValueError, IndexError):
-            raise DatasetError(f"{path}: line {line_number} has a missing or non-numeric value", path) from None
+            raise DatasetError(
+                f"{path}: line {line_number} has a missing or non-numeric value", path
+            ) from None
     table = np.asarray(values, dtype=np.int64).reshape(-1, len(LABEL_COLUMNS))
     flags = table[:, 2:] != 0
     result: dict[int, SliceLabels] = {}
@@ -212,8 +217,8 @@ def read_slice_labels(path: str | Path) -> dict[int, SliceLabels]:
         expected = np.arange(1, len(slice_numbers) + 1)
         if not np.array_equal(slice_numbers, expected):
             raise DatasetError(
-                f"{path}: the slice numbers of patient {int(patient)} are not 1..{len(slice_numbers)} "
-                "without gaps or repeats",
+                f"{path}: the slice numbers of patient {int(patient)} "
+                f"are not 1..{len(slice_numbers)} without gaps or repeats",
                 path,
             )
         patient_flags = flags[rows_of_patient[order]]
@@ -260,7 +265,9 @@ def read_demographics(path: str | Path) -> dict[int, Demographics]:
         try:
             patient = int(float(cell))
         except ValueError:
-            raise DatasetError(f"{path}: line {line_number} has patient number {cell!r}, not an integer", path) from None
+            raise DatasetError(
+                f"{path}: line {line_number} has patient number {cell!r}, not an integer", path
+            ) from None
         result[patient] = Demographics(
             age=_parse_float(row, age_col),
             gender=_parse_text(row, gender_col),
@@ -357,23 +364,34 @@ def _find_file(folder: Path, name: str) -> Path | None:
     return None
 
 
-def _index_nifti(root: Path, problems: list[DatasetError], seen: set[int]) -> dict[int, _PatientFiles]:
+def _index_nifti(
+    root: Path, problems: list[DatasetError], seen: set[int]
+) -> dict[int, _PatientFiles]:
     scans_dir, masks_dir = root / "ct_scans", root / "masks"
     for folder in (scans_dir, masks_dir):
         if not folder.is_dir():
-            problems.append(DatasetError(f"{folder}: folder missing (the NIfTI release needs ct_scans/ and masks/)", folder))
+            problems.append(
+                DatasetError(
+                    f"{folder}: folder missing (the NIfTI release needs ct_scans/ and masks/)",
+                    folder,
+                )
+            )
     scans = _nifti_files(scans_dir, problems)
     masks = _nifti_files(masks_dir, problems)
     patients: dict[int, _PatientFiles] = {}
     for patient, scan_path in sorted(scans.items()):
         mask_path = masks.get(patient)
         if mask_path is None and masks_dir.is_dir():
-            problems.append(DatasetError(f"{scan_path}: scan has no mask in {masks_dir}", scan_path))
+            problems.append(
+                DatasetError(f"{scan_path}: scan has no mask in {masks_dir}", scan_path)
+            )
         patients[patient] = _PatientFiles(patient, scan_path, mask_path)
     seen.update(scans, masks)
     for patient, mask_path in sorted(masks.items()):
         if patient not in scans and scans_dir.is_dir():
-            problems.append(DatasetError(f"{mask_path}: mask has no scan in {scans_dir}", mask_path))
+            problems.append(
+                DatasetError(f"{mask_path}: mask has no scan in {scans_dir}", mask_path)
+            )
     return patients
 
 
@@ -387,17 +405,29 @@ def _nifti_files(folder: Path, problems: list[DatasetError]) -> dict[int, Path]:
             continue
         patient = int(match.group(1))
         if patient in found:
-            problems.append(DatasetError(f"{path}: patient {patient} has two files ({found[patient].name} and {path.name})", path))
+            problems.append(
+                DatasetError(
+                    f"{path}: patient {patient} has two files "
+                    f"({found[patient].name} and {path.name})",
+                    path,
+                )
+            )
             continue
         found[patient] = path
     return found
 
 
-def _index_jpg(root: Path, problems: list[DatasetError], seen: set[int]) -> dict[int, _PatientFiles]:
+def _index_jpg(
+    root: Path, problems: list[DatasetError], seen: set[int]
+) -> dict[int, _PatientFiles]:
     patients_dir = root / "Patients_CT"
     patients: dict[int, _PatientFiles] = {}
     if not patients_dir.is_dir():
-        problems.append(DatasetError(f"{patients_dir}: folder missing (the JPG release needs Patients_CT/)", patients_dir))
+        problems.append(
+            DatasetError(
+                f"{patients_dir}: folder missing (the JPG release needs Patients_CT/)", patients_dir
+            )
+        )
         return patients
     for folder in sorted(patients_dir.iterdir()):
         if not folder.is_dir() or not _PATIENT_DIR.match(folder.name):
@@ -423,11 +453,19 @@ def _index_jpg(root: Path, problems: list[DatasetError], seen: set[int]) -> dict
         numbers = sorted(files.jpg_slices)
         if numbers != list(range(1, len(numbers) + 1)):
             gaps = sorted(set(range(1, numbers[-1] + 1)) - set(numbers))
-            problems.append(DatasetError(f"{brain_dir}: slice images are not numbered 1..N (missing {_short_list(gaps)})", brain_dir))
+            problems.append(
+                DatasetError(
+                    f"{brain_dir}: slice images are not numbered 1..N "
+                    f"(missing {_short_list(gaps)})",
+                    brain_dir,
+                )
+            )
             continue
         for number, mask_path in sorted(files.jpg_masks.items()):
             if number not in files.jpg_slices:
-                problems.append(DatasetError(f"{mask_path}: mask has no slice image {number}.jpg", mask_path))
+                problems.append(
+                    DatasetError(f"{mask_path}: mask has no slice image {number}.jpg", mask_path)
+                )
         patients[files.patient_id] = files
     return patients
 
@@ -478,14 +516,18 @@ class CTICHDataset:
             yield self.load(patient)
 
     def __repr__(self) -> str:
-        return f"CTICHDataset(root={str(self.root)!r}, release={self.release!r}, patients={len(self)})"
+        return (
+            f"CTICHDataset(root={str(self.root)!r}, release={self.release!r}, patients={len(self)})"
+        )
 
     def n_slices(self, patient_id: int) -> int:
         """Slices of a patient, from the label CSV (no image decoded)."""
         return self.labels[patient_id].n_slices
 
     def patient_labels(self) -> np.ndarray:
-        """(P, 6) bool per patient in :attr:`patient_ids` order: [has ICH, IVH, IPH, SAH, EDH, SDH]."""
+        """(P, 6) bool per patient in :attr:`patient_ids` order:
+        [has ICH, IVH, IPH, SAH, EDH, SDH].
+        """
         table = np.zeros((len(self), 6), dtype=bool)
         for row, patient in enumerate(self.patient_ids):
             subtypes = self.labels[patient].patient_subtypes()
@@ -498,7 +540,9 @@ class CTICHDataset:
         try:
             files = self._files[patient_id]
         except KeyError:
-            raise DatasetError(f"{self.root}: no scan for patient {patient_id}", self.root) from None
+            raise DatasetError(
+                f"{self.root}: no scan for patient {patient_id}", self.root
+            ) from None
         labels = self.labels[patient_id]
         if self.release == "nifti":
             scan = _load_nifti(files, labels)
@@ -559,18 +603,30 @@ def index_dataset(root: str | Path) -> tuple[CTICHDataset | None, list[DatasetEr
             problems.append(err)
 
     for patient in sorted(set(labels) - seen):
-        problems.append(DatasetError(f"{labels_path}: rows for patient {patient} but no images of that patient", labels_path))
+        problems.append(
+            DatasetError(
+                f"{labels_path}: rows for patient {patient} but no images of that patient",
+                labels_path,
+            )
+        )
     consistent: dict[int, _PatientFiles] = {}
     for patient, patient_files in sorted(files.items()):
         if patient not in labels:
-            problems.append(DatasetError(f"{patient_files.image}: images of patient {patient} have no rows in {labels_path.name}", patient_files.image))
+            problems.append(
+                DatasetError(
+                    f"{patient_files.image}: images of patient {patient} "
+                    f"have no rows in {labels_path.name}",
+                    patient_files.image,
+                )
+            )
             continue
         if release == "jpg":
             n_images, n_rows = len(patient_files.jpg_slices), labels[patient].n_slices
             if n_images != n_rows:
                 problems.append(
                     DatasetError(
-                        f"{patient_files.image}: {n_images} slice images but {n_rows} rows in {labels_path.name}",
+                        f"{patient_files.image}: {n_images} slice images "
+                        f"but {n_rows} rows in {labels_path.name}",
                         patient_files.image,
                     )
                 )
@@ -578,7 +634,9 @@ def index_dataset(root: str | Path) -> tuple[CTICHDataset | None, list[DatasetEr
         if release == "nifti" and patient_files.mask is None:
             continue
         consistent[patient] = patient_files
-    dataset = CTICHDataset(root, release, consistent, labels, demographics, labels_path, demographics_path)
+    dataset = CTICHDataset(
+        root, release, consistent, labels, demographics, labels_path, demographics_path
+    )
     return dataset, problems
 
 
@@ -593,12 +651,14 @@ def _load_nifti(files: _PatientFiles, labels: SliceLabels) -> Scan:
     mask_data, _, _ = _read_nifti(files.mask, nib, want_hu=False)
     if mask_data.shape != image.shape:
         raise DatasetError(
-            f"{files.mask}: mask shape {mask_data.shape} differs from its scan {files.image.name} {image.shape}",
+            f"{files.mask}: mask shape {mask_data.shape} differs from its scan "
+            f"{files.image.name} {image.shape}",
             files.mask,
         )
     if image.shape[2] != labels.n_slices:
         raise DatasetError(
-            f"{files.image}: {image.shape[2]} slices but {labels.n_slices} rows in the label CSV", files.image
+            f"{files.image}: {image.shape[2]} slices but {labels.n_slices} rows in the label CSV",
+            files.image,
         )
     return Scan(
         patient_id=files.patient_id,
@@ -613,7 +673,9 @@ def _load_nifti(files: _PatientFiles, labels: SliceLabels) -> Scan:
     )
 
 
-def _read_nifti(path: Path, nib, want_hu: bool) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
+def _read_nifti(
+    path: Path, nib, want_hu: bool
+) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
     """Decode a NIfTI volume: int16 HU (``want_hu``) or a bool mask (``> 0``)."""
     try:
         img = nib.load(path, mmap=False)  # decode into memory: no view of a file that may change
@@ -626,7 +688,9 @@ def _read_nifti(path: Path, nib, want_hu: bool) -> tuple[np.ndarray, np.ndarray,
     try:
         data = np.asanyarray(img.dataobj)
     except Exception as err:  # truncated or corrupt data block
-        raise DatasetError(f"{path}: unreadable NIfTI data, the file may be truncated ({_reason(err)})", path) from None
+        raise DatasetError(
+            f"{path}: unreadable NIfTI data, the file may be truncated ({_reason(err)})", path
+        ) from None
     spacing = tuple(float(z) for z in img.header.get_zooms()[:3])
     affine = np.asarray(img.affine, dtype=np.float64)
     if not want_hu:
@@ -677,7 +741,11 @@ def _load_jpg(files: _PatientFiles, labels: SliceLabels) -> Scan:
         demographics=None,
         spacing=None,
         affine=None,
-        paths={"image": files.image / "brain", "mask": files.image / "brain", "bone": files.image / "bone"},
+        paths={
+            "image": files.image / "brain",
+            "mask": files.image / "brain",
+            "bone": files.image / "bone",
+        },
         bone=bone,
         missing_bone_slices=tuple(missing_bone),
     )
@@ -695,8 +763,8 @@ def _read_jpg(path: Path, expected: tuple[int, int] | None = None) -> np.ndarray
         raise DatasetError(f"{path}: unreadable JPG ({_reason(err)})", path) from None
     if expected is not None and array.shape != expected:
         raise DatasetError(
-            f"{path}: image is {array.shape[1]}x{array.shape[0]} pixels, expected {expected[1]}x{expected[0]} "
-            "like the patient's first slice",
+            f"{path}: image is {array.shape[1]}x{array.shape[0]} pixels, "
+            f"expected {expected[1]}x{expected[0]} like the patient's first slice",
             path,
         )
     return array

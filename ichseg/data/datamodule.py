@@ -545,7 +545,6 @@ class UndersampledWindowSampler(EpochSampler):
         self.shuffle = shuffle
         self.start_epochs()
 
-
     def epoch_indices(self, epoch: int) -> np.ndarray:
         """The dataset indices of ``epoch``, in the order they are yielded."""
         windows = training_windows(
@@ -555,7 +554,6 @@ class UndersampledWindowSampler(EpochSampler):
         if self.shuffle:
             indices = indices[epoch_generator(self.seed + 1, epoch).permutation(indices.size)]
         return indices
-
 
 
 class OversampledWindowSampler(EpochSampler):
@@ -589,7 +587,6 @@ class OversampledWindowSampler(EpochSampler):
         self.seed = int(seed)
         self.start_epochs()
 
-
     def epoch_indices(self, epoch: int) -> np.ndarray:
         """The dataset indices of ``epoch``, in the order they are yielded (batch by batch)."""
         windows = oversampled_windows(
@@ -597,7 +594,6 @@ class OversampledWindowSampler(EpochSampler):
             epoch_generator(self.seed, epoch), self.batches_per_epoch,
         )  # fmt: skip
         return flat_window_ids(windows, self.counts.shape[1])
-
 
 
 # --------------------------------------------------------------------------- evaluation view
@@ -708,8 +704,7 @@ class CTICHDataModule(pl.LightningDataModule):
             raise ConfigError(f"data mode must be 'windowed' or 'full_slice', not {mode!r}")
         if undersampling not in SAMPLING_RULES:
             raise ConfigError(
-                f"undersampling must be one of {', '.join(SAMPLING_RULES)}, "
-                f"not {undersampling!r}"
+                f"undersampling must be one of {', '.join(SAMPLING_RULES)}, not {undersampling!r}"
             )
         check_context_slices(context_slices)
         foreground_per_batch(int(batch_size), float(foreground_fraction))  # validates both

@@ -321,9 +321,7 @@ def foreground_per_batch(batch_size: int, foreground_fraction: float) -> int:
     if batch_size < 1:
         raise ConfigError(f"the batch size must be positive, got {batch_size}")
     if not 0.0 <= foreground_fraction <= 1.0:
-        raise ConfigError(
-            f"foreground_fraction must lie in [0, 1], got {foreground_fraction}"
-        )
+        raise ConfigError(f"foreground_fraction must lie in [0, 1], got {foreground_fraction}")
     if foreground_fraction == 0:
         return 0
     return int(min(batch_size, max(1, round(foreground_fraction * batch_size))))

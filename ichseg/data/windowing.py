@@ -54,7 +54,8 @@ def get_window(window: str | Window | Sequence[float]) -> Window:
             return WINDOWS[window]
         except KeyError:
             raise ConfigError(
-                f"unknown CT window {window!r}; choose one of {sorted(WINDOWS)} or give (level, width)"
+                f"unknown CT window {window!r}; choose one of {sorted(WINDOWS)} "
+                "or give (level, width)"
             ) from None
     level, width = window
     if width <= 0:
@@ -102,7 +103,9 @@ def stack_windows(
     windows: Sequence[str | Window | Sequence[float]] = ("brain",),
     dtype: np.dtype | type | str = np.float32,
 ) -> np.ndarray:
-    """Several windows of one HU array stacked as channels on a new first axis: ``(C, *hu.shape)``."""
+    """Several windows of one HU array stacked as channels on a new first axis:
+    ``(C, *hu.shape)``.
+    """
     if len(windows) == 0:
         raise ConfigError("at least one CT window is needed")
     out = np.empty((len(windows), *hu.shape), dtype=np.dtype(dtype))
@@ -124,8 +127,8 @@ def to_working_size(
 ) -> np.ndarray:
     """Bring a stack of slices ``(..., H, W)`` to ``size x size``.
 
-    ``mode="resize"``: bilinear for images, nearest for masks (the NIfTI release, 512 -> 640), with the
-    pixel-area convention (``align_corners=False``), so :func:`from_working_size` is its inverse
+    ``mode="resize"``: bilinear for images, nearest for masks (the NIfTI release, 512 -> 640), with
+    the pixel-area convention (``align_corners=False``), so :func:`from_working_size` is its inverse
     mapping. ``mode="crop"``: remove an equal border (the JPG release, 650 -> 640, 5 pixels a side);
     the result is a view. A slice already at ``size`` is returned as is.
     """
@@ -135,7 +138,8 @@ def to_working_size(
     if mode == "crop":
         if height < size or width < size or (height - size) % 2 or (width - size) % 2:
             raise ConfigError(
-                f"cannot crop {height}x{width} slices to {size}x{size}: the border must be even and non-negative"
+                f"cannot crop {height}x{width} slices to {size}x{size}: "
+                "the border must be even and non-negative"
             )
         top, left = (height - size) // 2, (width - size) // 2
         return slices[..., top : top + size, left : left + size]
@@ -180,7 +184,9 @@ def _resample(slices: np.ndarray, shape: tuple[int, int], is_mask: bool) -> np.n
         resized = F.interpolate(flat.to(torch.uint8), size=shape, mode="nearest-exact")
         return resized.numpy().reshape(*lead, *shape).astype(slices.dtype, copy=False)
     source_dtype = slices.dtype
-    resized = F.interpolate(flat.to(torch.float32), size=shape, mode="bilinear", align_corners=False)
+    resized = F.interpolate(
+        flat.to(torch.float32), size=shape, mode="bilinear", align_corners=False
+    )
     out = resized.numpy().reshape(*lead, *shape)
     if source_dtype == np.uint8:
         return np.clip(np.rint(out), 0, 255).astype(np.uint8)

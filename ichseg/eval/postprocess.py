@@ -137,7 +137,6 @@ def pixel_scale(
     return height / working_size, width / working_size
 
 
-
 def grid_scale(
     shape: Sequence[int],
     working_size: int,
@@ -154,6 +153,7 @@ def grid_scale(
     scale_h, scale_w = pixel_scale(shape, working_size, working_mode)
     factor = float(working_size) / float(reference_size)
     return scale_h * factor, scale_w * factor
+
 
 def scaled_size(size: int, scale: float | Sequence[float] = 1.0) -> tuple[int, int]:
     """``(kh, kw)``: a working-resolution size at ``scale``, rounded half up, at least 1."""

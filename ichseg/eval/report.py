@@ -293,7 +293,7 @@ def _table5_markdown(tables: EvaluationTables) -> str:
 
 
 def _threshold_text(threshold: float) -> str:
-    """"threshold 0.5", or, for folds each at its own val-tuned threshold, saying so."""
+    """ "threshold 0.5", or, for folds each at its own val-tuned threshold, saying so."""
     if threshold is None or not math.isfinite(threshold):
         return "each fold's own threshold (chosen on its validation split)"
     return f"threshold {threshold:g}"

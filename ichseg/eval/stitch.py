@@ -196,9 +196,7 @@ def _row_range(rows: slice | None, n_slices: int) -> tuple[int, int]:
     return first, max(first, stop)
 
 
-def context_index(
-    slice_ids: torch.Tensor, context_slices: int, n_slices: int
-) -> torch.Tensor:
+def context_index(slice_ids: torch.Tensor, context_slices: int, n_slices: int) -> torch.Tensor:
     """``(n, 2k + 1)``: slices ``s - k .. s + k`` around each of ``slice_ids`` (``k`` =
     ``context_slices``), clamped to ``0 .. n_slices - 1`` (one volume: its ends repeated).
 

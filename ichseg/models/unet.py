@@ -114,7 +114,9 @@ class UNet(nn.Module):
         self.pool = nn.MaxPool2d(2)
         self.drop = nn.Dropout(dropout)
         self.bottleneck = ConvBlock(widths[-2], widths[-1], norm)
-        self.decoders = nn.ModuleList(UpBlock(widths[i + 1], widths[i], norm) for i in reversed(range(depth)))
+        self.decoders = nn.ModuleList(
+            UpBlock(widths[i + 1], widths[i], norm) for i in reversed(range(depth))
+        )
         if head == "paper":
             self.head = nn.Sequential(
                 nn.Conv2d(widths[0], 2, 3, padding=1),
@@ -138,8 +140,8 @@ class UNet(nn.Module):
         multiple = 2**self.depth
         if x.shape[-1] % multiple or x.shape[-2] % multiple:
             raise ValueError(
-                f"UNet input height and width must be divisible by {multiple} (depth {self.depth}), "
-                f"got {x.shape[-2]}x{x.shape[-1]}"
+                f"UNet input height and width must be divisible by {multiple} "
+                f"(depth {self.depth}), got {x.shape[-2]}x{x.shape[-1]}"
             )
         skips = []
         for level, encoder in enumerate(self.encoders):
@@ -149,6 +151,6 @@ class UNet(nn.Module):
             skips.append(x)
             x = self.pool(x)
         x = self.drop(self.bottleneck(x))
-        for decoder, skip in zip(self.decoders, reversed(skips)):
+        for decoder, skip in zip(self.decoders, reversed(skips), strict=True):
             x = decoder(x, skip)
         return self.head(x)
