@@ -167,12 +167,8 @@ class ICHSegmentationModule(pl.LightningModule):
         )
         predicted = (torch.sigmoid(logits.float()) > self.threshold).int()
         self.val_metrics.update(predicted, target.int())
-        if batch_idx == 0 and self._fixed_val_batch is None:
-            count = self.image_log_samples
-            self._fixed_val_batch = {
-                "image": batch["image"][:count].detach().cpu(),
-                "mask": batch["mask"][:count].detach().cpu(),
-            }
+        if batch_idx == 0:
+            keep_overlay_batch(self, batch)
 
     def on_validation_epoch_start(self) -> None:
         # fresh metric states in the current grad mode (a `validate` before `fit` leaves
@@ -224,6 +220,17 @@ class ICHSegmentationModule(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.meta = dict(checkpoint.get("ichseg", {}))
+
+
+def keep_overlay_batch(module: Any, batch: Mapping[str, torch.Tensor]) -> None:
+    """Keep the first ``image_log_samples`` images and masks of ``batch`` on the CPU as the fixed
+    validation batch of the overlay grid, unless one is kept already."""
+    if module._fixed_val_batch is None:
+        count = module.image_log_samples
+        module._fixed_val_batch = {
+            "image": batch["image"][:count].detach().cpu(),
+            "mask": batch["mask"][:count].detach().cpu(),
+        }
 
 
 def log_overlay_grid(module: Any) -> None:

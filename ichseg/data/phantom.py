@@ -1380,42 +1380,32 @@ def _write_demographics(
     path: Path, release: str, patients: Sequence[PhantomPatient], notes: dict[int, str]
 ) -> None:
     """The demographics CSV with each release's own header rows; flags are ``1`` or empty."""
-    if release == "jpg":
-        with open(path, "w", encoding="utf-8", newline="") as handle:
+
+    def row(p: PhantomPatient) -> list[object]:
+        any_sub = p.subtypes.any(axis=0)
+        # the JPG release has a diagnosis column before the notes; the NIfTI release does not
+        diagnosis = ["Hemorrhage" if any_sub.any() else "No Hemorrhage"] if release == "jpg" else []
+        return [
+            p.patient_id,
+            _format_age(p.age),
+            p.gender,
+            *(_flag(x) for x in any_sub),
+            _flag(p.fracture.any()),
+            *diagnosis,
+            notes.get(p.patient_id, ""),
+        ]
+
+    with open(path, "w", encoding="utf-8", newline="") as handle:
+        if release == "jpg":
             csv.writer(handle, lineterminator="\r\n", quoting=csv.QUOTE_ALL).writerow(
                 _JPG_DEMOGRAPHICS_HEADER
             )
             writer = csv.writer(handle, lineterminator="\r\n")
-            for p in patients:
-                any_sub = p.subtypes.any(axis=0)
-                writer.writerow(
-                    [
-                        p.patient_id,
-                        _format_age(p.age),
-                        p.gender,
-                        *(_flag(x) for x in any_sub),
-                        _flag(p.fracture.any()),
-                        "Hemorrhage" if any_sub.any() else "No Hemorrhage",
-                        notes.get(p.patient_id, ""),
-                    ]
-                )
-        return
-    with open(path, "w", encoding="utf-8", newline="") as handle:
-        writer = csv.writer(handle, lineterminator="\n")
-        writer.writerow(_NIFTI_DEMOGRAPHICS_HEADER)
-        writer.writerow(_NIFTI_DEMOGRAPHICS_SUBHEADER)
-        for p in patients:
-            any_sub = p.subtypes.any(axis=0)
-            writer.writerow(
-                [
-                    p.patient_id,
-                    _format_age(p.age),
-                    p.gender,
-                    *(_flag(x) for x in any_sub),
-                    _flag(p.fracture.any()),
-                    notes.get(p.patient_id, ""),
-                ]
-            )
+        else:
+            writer = csv.writer(handle, lineterminator="\n")
+            writer.writerow(_NIFTI_DEMOGRAPHICS_HEADER)
+            writer.writerow(_NIFTI_DEMOGRAPHICS_SUBHEADER)
+        writer.writerows(row(p) for p in patients)
 
 
 def _write_patient(

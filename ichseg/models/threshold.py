@@ -55,7 +55,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import BinaryF1Score, BinaryJaccardIndex
 
 from ichseg.errors import ConfigError, DatasetError
-from ichseg.module import _plain, log_overlay_grid
+from ichseg.module import _plain, keep_overlay_batch, log_overlay_grid
 from ichseg.utils.atomic import atomic_path, atomic_write_text
 
 __all__ = [
@@ -902,12 +902,8 @@ class ThresholdModule(pl.LightningModule):
         self.val_metrics.update(
             self.predict_probabilities(batch["image"]).int(), batch["mask"].int()
         )
-        if batch_idx == 0 and self._fixed_val_batch is None:
-            count = self.image_log_samples
-            self._fixed_val_batch = {
-                "image": batch["image"][:count].detach().cpu(),
-                "mask": batch["mask"][:count].detach().cpu(),
-            }
+        if batch_idx == 0:
+            keep_overlay_batch(self, batch)
 
     def on_validation_epoch_end(self) -> None:
         if not self.fitted:
