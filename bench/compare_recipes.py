@@ -36,9 +36,10 @@ row per switch on top of ``paper_lr``):
 
 It prints one table: the paper's Dice (mean over test patients with ICH of their mean ICH-slice
 Dice), the per-patient 3D Dice, the false-positive volume (mean predicted mL on the ICH-free test
+patients), the volume outside the bleed (mean predicted mL on pixels without ICH over all test
 patients), slice-detection sensitivity / specificity at probability 0.5, optimiser steps and
 seconds, with the Dice and false-positive differences against the ``paper`` row; then whether
-``windowed_plus`` beats ``paper`` on both Dice and false-positive mL. ``compare.json`` and
+``windowed_plus`` beats ``paper`` on Dice and on both false-positive volumes. ``compare.json`` and
 ``compare.md`` go into ``--out`` (default ``outputs/compare/<time>``), each run into its own folder.
 
     python bench/compare_recipes.py                 # about 5 minutes on 2 CPU cores
@@ -46,7 +47,7 @@ seconds, with the Dice and false-positive differences against the ``paper`` row;
     python bench/compare_recipes.py --ablations     # windowed_plus without each switch (+20 min)
     python bench/compare_recipes.py --size 256 --epochs 12 --out outputs/compare/big
 
-Exit status: 0 when ``windowed_plus`` beats ``paper`` on both (or when either row was not run),
+Exit status: 0 when ``windowed_plus`` beats ``paper`` on all three (or when either row was not run),
 1 otherwise.
 """
 
@@ -141,6 +142,7 @@ class RecipeResult:
     dice: float
     dice_3d: float
     fp_ml: float
+    outside_ml: float
     sensitivity: float
     specificity: float
     steps: int
@@ -230,6 +232,7 @@ def run_recipe(name: str, common: list[str], out: Path) -> RecipeResult:
         dice=value("test/stitched_dice"),
         dice_3d=value("test/stitched_dice_3d"),
         fp_ml=value("test/stitched_fp_ml"),
+        outside_ml=value("test/stitched_outside_ml"),
         sensitivity=value("test/stitched_sensitivity@0.5"),
         specificity=value("test/stitched_specificity@0.5"),
         steps=steps,
@@ -245,47 +248,58 @@ def _cell(value: float, digits: int = 3, signed: bool = False) -> str:
     return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
 
 
+def _lower(new: float, old: float) -> bool:
+    """``new`` mL is lower than ``old`` mL, or both are 0 (nothing to remove)."""
+    if not math.isfinite(new):
+        return False
+    return not math.isfinite(old) or new < old or new == old == 0
+
+
 def format_table(results: Sequence[RecipeResult]) -> str:
     """The comparison as a markdown table, with differences against the ``paper`` row."""
     baseline = next((r for r in results if r.name == BASELINE), None)
-    header = ["recipe", "Dice", "Δ Dice", "3D Dice", "FP mL", "Δ FP mL", "sens@0.5", "spec@0.5",
-              "steps", "s", "operating point"]  # fmt: skip
+    header = ["recipe", "Dice", "Δ Dice", "3D Dice", "FP mL", "Δ FP mL", "outside mL",
+              "Δ outside mL", "sens@0.5", "spec@0.5", "steps", "s", "operating point"]  # fmt: skip
     lines = ["| " + " | ".join(header) + " |", "|:---|" + "---:|" * (len(header) - 2) + ":---|"]
     for r in results:
         d_dice = r.dice - baseline.dice if baseline else math.nan
         d_fp = r.fp_ml - baseline.fp_ml if baseline else math.nan
+        d_outside = r.outside_ml - baseline.outside_ml if baseline else math.nan
         point = "0.5, closing/opening"
         if r.tuned:
             post = "closing/opening" if r.tuned.get("postprocess") else "no morphology"
             point = f"{r.tuned.get('threshold'):g}, {post} (val)"
         cells = [r.name, _cell(r.dice), _cell(d_dice, signed=True), _cell(r.dice_3d),
-                 _cell(r.fp_ml, 2), _cell(d_fp, 2, signed=True), _cell(r.sensitivity),
-                 _cell(r.specificity), str(r.steps), f"{r.seconds:.0f}", point]  # fmt: skip
+                 _cell(r.fp_ml, 2), _cell(d_fp, 2, signed=True), _cell(r.outside_ml, 2),
+                 _cell(d_outside, 2, signed=True), _cell(r.sensitivity), _cell(r.specificity),
+                 str(r.steps), f"{r.seconds:.0f}", point]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def verdict(results: Sequence[RecipeResult]) -> tuple[bool | None, str]:
-    """Does ``windowed_plus`` beat ``paper`` on Dice (higher) and false-positive mL (lower)?
+    """Does ``windowed_plus`` beat ``paper`` on Dice (higher) and on false positives (lower mL on
+    the ICH-free test patients AND lower mL outside the bleed over all test patients)?
 
-    None when either row is missing. A false-positive volume counts as beaten when it is lower, or
-    equal at 0 mL (nothing to remove).
+    None when either row is missing. A volume counts as beaten when it is lower, or equal at 0 mL
+    (nothing to remove).
     """
     by_name = {r.name: r for r in results}
     if BASELINE not in by_name or IMPROVED not in by_name:
         return None, f"{IMPROVED} vs {BASELINE}: not compared (both rows are needed)"
     paper, plus = by_name[BASELINE], by_name[IMPROVED]
     dice_ok = math.isfinite(plus.dice) and (not math.isfinite(paper.dice) or plus.dice > paper.dice)
-    fp_ok = math.isfinite(plus.fp_ml) and (
-        not math.isfinite(paper.fp_ml) or plus.fp_ml < paper.fp_ml or plus.fp_ml == paper.fp_ml == 0
-    )
-    holds = dice_ok and fp_ok
+    fp_ok = _lower(plus.fp_ml, paper.fp_ml)
+    outside_ok = _lower(plus.outside_ml, paper.outside_ml)
+    holds = dice_ok and fp_ok and outside_ok
     line = (
         f"{IMPROVED} beats {BASELINE} at the same budget: {'YES' if holds else 'NO'} "
         f"(Dice {_cell(plus.dice)} vs {_cell(paper.dice)}: "
         f"{'better' if dice_ok else 'NOT better'}; "
         f"false-positive volume {_cell(plus.fp_ml, 2)} vs {_cell(paper.fp_ml, 2)} mL: "
-        f"{'lower' if fp_ok else 'NOT lower'})"
+        f"{'lower' if fp_ok else 'NOT lower'}; "
+        f"volume outside the bleed {_cell(plus.outside_ml, 2)} vs {_cell(paper.outside_ml, 2)} mL: "
+        f"{'lower' if outside_ok else 'NOT lower'})"
     )
     return holds, line
 
@@ -347,8 +361,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in names:
         print(f"[{name}] {RECIPES[name][0]} ...", flush=True)
         result = run_recipe(name, common, out)
-        print(f"[{name}] Dice {_cell(result.dice)}, FP {_cell(result.fp_ml, 2)} mL, "
-              f"{result.steps} steps, {result.seconds:.0f} s", flush=True)  # fmt: skip
+        print(f"[{name}] Dice {_cell(result.dice)}, FP {_cell(result.fp_ml, 2)} mL, outside "
+              f"{_cell(result.outside_ml, 2)} mL, {result.steps} steps, {result.seconds:.0f} s",
+              flush=True)  # fmt: skip
         results.append(result)
 
     table = format_table(results)
@@ -358,7 +373,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"(seed 0), CV round 0 of 5 (the same split for every row), {args.epochs} epochs, U-Net "
         f"base {args.width}, windows {args.size // 4}/{args.size // 8}, batch 16 windows "
         "(full_slice_plus: 2 slices), seed 42, CPU. Dice: the paper's (test patients with ICH); "
-        "FP mL: mean predicted volume on the ICH-free test patients; sens/spec: pooled slice "
+        "FP mL: mean predicted volume on the ICH-free test patients; outside mL: mean predicted "
+        "volume outside the true bleed over all test patients; sens/spec: pooled slice "
         "detection at 0.5; Δ: against the paper row."
     )
     print("\n" + table + "\n\n" + settings + "\n\n" + line)

@@ -78,6 +78,8 @@ def test_patient_metrics_by_hand() -> None:
     np.testing.assert_allclose(metrics.predicted_ml, [0.6, 0.72, 0.01, 0.0])
     np.testing.assert_allclose(metrics.abs_error_ml, [0.45, 0.32, nan, nan])
     np.testing.assert_allclose(metrics.false_positive_ml, [nan, nan, 0.01, 0.0])
+    # outside the bleed, every patient: (100-50)+500 = 550 x 0.001; (300-200)+60 = 160 x 0.002; 10
+    np.testing.assert_allclose(metrics.outside_ml, [0.55, 0.32, 0.01, 0.0])
 
 
 def test_paper_tables_by_hand() -> None:
@@ -136,7 +138,7 @@ def test_perfect_prediction_scores_one() -> None:
     pooled = tables.segmentation.pooled
     assert (pooled.sensitivity, pooled.specificity, pooled.accuracy) == (1.0, 1.0, 1.0)
     assert tables.volume.dice_3d.mean == 1.0 and tables.volume.abs_error_ml.max == 0.0
-    assert tables.volume.false_positive_ml.max == 0.0
+    assert tables.volume.false_positive_ml.max == 0.0 and tables.volume.outside_ml.max == 0.0
     # with the paper's 400-pixel minimum (scaled to 32x32) the single-pixel slice is missed
     missed = m.detection_scores(counts, 0.5, min_area=400)
     assert missed.fn >= 1 and missed.sensitivity < 1

@@ -102,8 +102,12 @@ def test_full_slice_plus_trains(tmp_path):
 # --------------------------------------------------------------------------- the comparison
 
 
-def result(bench, name, dice, fp_ml):
-    return bench.RecipeResult(name, name, dice, dice, fp_ml, 1.0, 1.0, 10, 1.0, "run")
+def result(bench, name, dice, fp_ml, outside_ml=None):
+    outside_ml = fp_ml if outside_ml is None else outside_ml
+    return bench.RecipeResult(
+        name=name, description=name, dice=dice, dice_3d=dice, fp_ml=fp_ml, outside_ml=outside_ml,
+        sensitivity=1.0, specificity=1.0, steps=10, seconds=1.0, run_dir="run",
+    )  # fmt: skip
 
 
 def test_verdict_and_table():
@@ -112,11 +116,15 @@ def test_verdict_and_table():
     holds, line = bench.verdict([paper, plus])
     assert holds is True and "YES" in line
     holds, line = bench.verdict([paper, result(bench, "windowed_plus", 0.5, 25.0)])
-    assert holds is False and "NOT lower" in line
+    assert holds is False and "false-positive volume 25.00 vs 20.00 mL: NOT lower" in line
+    holds, line = bench.verdict([paper, result(bench, "windowed_plus", 0.5, 1.0, 30.0)])
+    assert holds is False and "outside the bleed 30.00 vs 20.00 mL: NOT lower" in line
+    holds, line = bench.verdict([paper, result(bench, "windowed_plus", 0.05, 1.0)])
+    assert holds is False and "NOT better" in line
     holds, _ = bench.verdict(
         [result(bench, "paper", 0.0, 0.0), result(bench, "windowed_plus", 0.4, 0.0)]
     )
-    assert holds is True  # nothing predicted on ICH-free patients by either: not worse
+    assert holds is True  # nothing predicted outside the bleeds by either: not worse
     assert bench.verdict([plus])[0] is None
     table = bench.format_table([paper, plus])
     assert "| windowed_plus | 0.500 | +0.400 |" in table and "-19.00" in table
@@ -135,6 +143,7 @@ def test_improved_recipe_beats_the_paper_recipe_on_the_phantom(tmp_path):
     assert document["improved_beats_paper"] is True
     assert rows["windowed_plus"]["dice"] > rows["paper"]["dice"]
     assert rows["windowed_plus"]["fp_ml"] < rows["paper"]["fp_ml"]
+    assert rows["windowed_plus"]["outside_ml"] < rows["paper"]["outside_ml"]
     assert "windowed_plus beats paper at the same budget: YES" in done.stdout
 
 

@@ -44,6 +44,7 @@ Logged scalars (``<split>`` is ``test`` or ``val``; distinct from the LightningM
 ``<split>/stitched_accuracy@t``      pooled slice accuracy at each threshold
 ``<split>/stitched_abs_error_ml``    mean absolute volume error (mL), patients with ICH
 ``<split>/stitched_fp_ml``           mean predicted volume (mL) on patients without ICH
+``<split>/stitched_outside_ml``      mean predicted volume (mL) outside the true bleed, all patients
 ==================================  ==============================================================
 
 Undefined values (e.g. no patient with ICH) are logged as NaN. With a ``TensorBoardLogger``, the
@@ -483,6 +484,7 @@ def scalar_metrics(tables: EvaluationTables, prefix: str) -> dict[str, float]:
         f"{prefix}/stitched_dice_3d": volume.dice_3d.mean,
         f"{prefix}/stitched_abs_error_ml": volume.abs_error_ml.mean,
         f"{prefix}/stitched_fp_ml": volume.false_positive_ml.mean,
+        f"{prefix}/stitched_outside_ml": volume.outside_ml.mean,
     }
     for row in tables.detection:
         for name in ("sensitivity", "specificity", "accuracy"):

@@ -28,7 +28,8 @@ at one threshold, after post-processing):
   rule: both empty -> NaN (left out of the mean), ground truth empty but prediction not -> 0;
 * volumes in mL: pixel count x voxel volume (mm^3 / 1000, from the header spacing of the grid
   that was scored, :func:`voxel_volume_ml`); absolute error ``|predicted - true|`` on patients with
-  ICH; false-positive volume = the predicted volume on patients without ICH;
+  ICH; false-positive volume = the predicted volume on patients without ICH; volume outside the
+  bleed = the predicted volume not on ground-truth ICH pixels (``sum(P - I)``), on every patient;
 * subtype / age groups: the paper's per-patient Dice summarised over the patients of each group; a
   patient with several subtypes is in each of their groups; ages ``< 18`` and ``>= 18``.
 """
@@ -501,6 +502,7 @@ class PatientMetrics:
     specificity: np.ndarray  # (P,)
     true_ml: np.ndarray  # (P,) ground-truth bleed volume
     predicted_ml: np.ndarray  # (P,) predicted bleed volume
+    outside_ml: np.ndarray  # (P,) predicted volume outside the ground-truth bleed
 
     @property
     def has_ich(self) -> np.ndarray:
@@ -528,7 +530,8 @@ class PatientMetrics:
     def to_dict(self) -> dict[str, Any]:
         names = (
             "patient", "n_slices", "n_positive_slices", "dice", "jaccard", "dice_3d", "sensitivity",
-            "specificity", "true_ml", "predicted_ml", "abs_error_ml", "false_positive_ml",
+            "specificity", "true_ml", "predicted_ml", "outside_ml", "abs_error_ml",
+            "false_positive_ml",
         )  # fmt: skip
         arrays = {name: getattr(self, name).tolist() for name in names}
         return {"threshold": self.threshold, "min_area": self.min_area, **arrays}
@@ -567,6 +570,7 @@ def patient_metrics(
         specificity=_ratios(total(~detected & ~positive), total(~positive)),
         true_ml=total(counts.gt_pixels * counts.voxel_ml),
         predicted_ml=total(counts.pred_pixels[:, t] * counts.voxel_ml),
+        outside_ml=total((counts.pred_pixels[:, t] - counts.intersection[:, t]) * counts.voxel_ml),
     )
 
 
@@ -683,11 +687,12 @@ def group_summaries(
 @dataclass(frozen=True)
 class VolumeTable:
     """3D Dice (nnU-Net rule) over patients, volume error on ICH patients, false-positive volume
-    on ICH-free patients, all in mL."""
+    on ICH-free patients, predicted volume outside the bleed on all patients, all in mL."""
 
     dice_3d: Summary
     abs_error_ml: Summary
     false_positive_ml: Summary
+    outside_ml: Summary
     true_ml: Summary
     predicted_ml: Summary
 
@@ -701,6 +706,7 @@ def volume_table(metrics: PatientMetrics) -> VolumeTable:
         dice_3d=Summary.of(metrics.dice_3d),
         abs_error_ml=Summary.of(metrics.abs_error_ml),
         false_positive_ml=Summary.of(metrics.false_positive_ml),
+        outside_ml=Summary.of(metrics.outside_ml),
         true_ml=Summary.of(np.where(metrics.has_ich, metrics.true_ml, np.nan)),
         predicted_ml=Summary.of(np.where(metrics.has_ich, metrics.predicted_ml, np.nan)),
     )
@@ -778,7 +784,7 @@ def concatenate_patient_metrics(parts: Sequence[PatientMetrics]) -> PatientMetri
         raise ConfigError("nothing to concatenate: no patient metrics given")
     levels = {float(p.threshold) for p in parts}
     names = ("patient", "n_slices", "n_positive_slices", "dice", "jaccard", "dice_3d",
-             "sensitivity", "specificity", "true_ml", "predicted_ml")  # fmt: skip
+             "sensitivity", "specificity", "true_ml", "predicted_ml", "outside_ml")  # fmt: skip
     arrays = {name: np.concatenate([getattr(p, name) for p in parts]) for name in names}
     order = np.argsort(arrays["patient"], kind="stable")
     return PatientMetrics(

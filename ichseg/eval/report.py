@@ -209,6 +209,7 @@ VOLUME_ROWS: tuple[tuple[str, str, str], ...] = (
     ("dice_3d", "3D Dice (per patient, nnU-Net empty rule)", "ratio"),
     ("abs_error_ml", "absolute volume error, patients with ICH (mL)", "ml"),
     ("false_positive_ml", "false-positive volume, patients without ICH (mL)", "ml"),
+    ("outside_ml", "predicted volume outside the bleed, all patients (mL)", "ml"),
     ("true_ml", "true bleed volume, patients with ICH (mL)", "ml"),
     ("predicted_ml", "predicted bleed volume, patients with ICH (mL)", "ml"),
 )
