@@ -59,9 +59,11 @@ import math
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
+
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -131,6 +133,7 @@ ADDED = ("+dice_bce", "+bce_pos_weight", *(f"+{name}" for name in SWITCHES if na
 WITHOUT = tuple(f"plus-{name}" for name in SWITCHES)
 DEFAULT_RECIPES = ("paper", "paper_lr", "windowed_plus", "full_slice_plus")
 BASELINE, IMPROVED = "paper", "windowed_plus"
+FIRST_SEED = 42
 
 
 @dataclass
@@ -149,10 +152,50 @@ class RecipeResult:
     seconds: float
     run_dir: str
     tuned: dict | None = None
+    seeds: list[int] = field(default_factory=lambda: [FIRST_SEED])
+    dice_sd: float = math.nan  # over seeds, with more than one
+    points: list[str] = field(default_factory=list)  # the operating point of each seed's run
+
+
+def operating_point(tuned: dict | None) -> str:
+    """The threshold and post-processing a run was scored at."""
+    if not tuned:
+        return "0.5, closing/opening"
+    post = "closing/opening" if tuned.get("postprocess") else "no morphology"
+    return f"{tuned.get('threshold'):g}, {post} (val)"
+
+
+def mean_over_seeds(runs: Sequence[RecipeResult]) -> RecipeResult:
+    """One row from the runs of one recipe with different seeds: means, the Dice's sample standard
+    deviation, the total seconds, and each run's operating point."""
+    if len(runs) == 1:
+        return replace(runs[0], points=[operating_point(runs[0].tuned)])
+
+    def mean(name: str) -> float:
+        return float(np.nanmean([getattr(r, name) for r in runs]))
+
+    dice = np.array([r.dice for r in runs], dtype=float)
+    first = runs[0]
+    return replace(
+        first,
+        dice=mean("dice"), dice_3d=mean("dice_3d"), fp_ml=mean("fp_ml"),
+        outside_ml=mean("outside_ml"), sensitivity=mean("sensitivity"),
+        specificity=mean("specificity"), seconds=float(sum(r.seconds for r in runs)),
+        run_dir=str(Path(first.run_dir).parent), tuned=None,
+        seeds=[s for r in runs for s in r.seeds], dice_sd=float(np.nanstd(dice, ddof=1)),
+        points=[operating_point(r.tuned) for r in runs],
+    )  # fmt: skip
 
 
 def shared_overrides(
-    root: Path, out: Path, size: int, epochs: int, width: int, patients: int, slices: int
+    root: Path,
+    out: Path,
+    size: int,
+    epochs: int,
+    width: int,
+    patients: int,
+    slices: int,
+    seed: int = 42,
 ) -> list[str]:
     """The settings every recipe shares (phantom, folds, geometry, budget, outputs)."""
     return [
@@ -181,7 +224,7 @@ def shared_overrides(
         "callbacks.stitched_eval.n_overlays=0",
         "logger=csv",
         f"paths.log_dir={out}",
-        "seed=42",
+        f"seed={seed}",
     ]
 
 
@@ -206,14 +249,17 @@ def compose(overrides: Sequence[str], output_dir: Path):
     return cfg
 
 
-def run_recipe(name: str, common: list[str], out: Path) -> RecipeResult:
-    """Train and test one recipe; its outputs go into ``out/<name>``."""
+def run_recipe(name: str, common: list[str], out: Path, seed: int | None = None) -> RecipeResult:
+    """Train and test one recipe; its outputs go into ``out/<name>`` (``out/<name>/seed<seed>``
+    when ``seed`` is given; ``common`` holds the matching ``seed=`` override)."""
     import torch
 
     from ichseg.train import train
 
     description, overrides = RECIPES[name]
     run_dir = out / name.lstrip("+")
+    if seed is not None:
+        run_dir = run_dir / f"seed{seed}"
     cfg = compose([*common, *overrides], run_dir)  # the recipe's own settings win
     start = time.perf_counter()
     metrics = train(cfg)
@@ -239,6 +285,7 @@ def run_recipe(name: str, common: list[str], out: Path) -> RecipeResult:
         seconds=seconds,
         run_dir=str(run_dir),
         tuned=report["settings"].get("tuned_on_val"),
+        seeds=[FIRST_SEED if seed is None else seed],
     )
 
 
@@ -265,11 +312,10 @@ def format_table(results: Sequence[RecipeResult]) -> str:
         d_dice = r.dice - baseline.dice if baseline else math.nan
         d_fp = r.fp_ml - baseline.fp_ml if baseline else math.nan
         d_outside = r.outside_ml - baseline.outside_ml if baseline else math.nan
-        point = "0.5, closing/opening"
-        if r.tuned:
-            post = "closing/opening" if r.tuned.get("postprocess") else "no morphology"
-            point = f"{r.tuned.get('threshold'):g}, {post} (val)"
-        cells = [r.name, _cell(r.dice), _cell(d_dice, signed=True), _cell(r.dice_3d),
+        points = r.points or [operating_point(r.tuned)]
+        point = points[0] if len(set(points)) == 1 else " / ".join(points)
+        dice = _cell(r.dice) if len(r.seeds) == 1 else f"{_cell(r.dice)} ± {_cell(r.dice_sd)}"
+        cells = [r.name, dice, _cell(d_dice, signed=True), _cell(r.dice_3d),
                  _cell(r.fp_ml, 2), _cell(d_fp, 2, signed=True), _cell(r.outside_ml, 2),
                  _cell(d_outside, 2, signed=True), _cell(r.sensitivity), _cell(r.specificity),
                  str(r.steps), f"{r.seconds:.0f}", point]  # fmt: skip
@@ -321,7 +367,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--patients", type=int, default=20)
     parser.add_argument("--slices", type=int, default=12)
     parser.add_argument("--out", type=Path, default=None, help="output folder")
+    parser.add_argument("--seeds", type=int, default=1,
+                        help=f"runs per recipe, seeds {FIRST_SEED}, {FIRST_SEED + 1}, ...; the "
+                        "table shows their means (and the Dice's standard deviation)")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.seeds < 1:
+        parser.error("--seeds must be at least 1")
 
     names = [n.strip() for n in args.recipes.split(",") if n.strip()]
     if args.all:
@@ -350,21 +401,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not (root.exists() and any(root.iterdir())):
         generate_phantom(root, "nifti", n_patients=args.patients, n_slices=args.slices,
                          size=args.size, seed=0)  # fmt: skip
-    common = shared_overrides(root, out, args.size, args.epochs, args.width, args.patients,
-                              args.slices)  # fmt: skip
+    seeds = [FIRST_SEED + i for i in range(args.seeds)]
     print(
         f"phantom: {args.patients} patients x {args.slices} slices of {args.size}x{args.size}, "
-        f"fold 0 of 5; {args.epochs} epochs per recipe; U-Net base {args.width}; outputs in {out}",
+        f"fold 0 of 5; {args.epochs} epochs per recipe; U-Net base {args.width}; "
+        f"seeds {', '.join(map(str, seeds))}; outputs in {out}",
         flush=True,
     )
-    results = []
+    results, all_runs = [], []
     for name in names:
         print(f"[{name}] {RECIPES[name][0]} ...", flush=True)
-        result = run_recipe(name, common, out)
-        print(f"[{name}] Dice {_cell(result.dice)}, FP {_cell(result.fp_ml, 2)} mL, outside "
-              f"{_cell(result.outside_ml, 2)} mL, {result.steps} steps, {result.seconds:.0f} s",
-              flush=True)  # fmt: skip
-        results.append(result)
+        runs = []
+        for seed in seeds:
+            common = shared_overrides(root, out, args.size, args.epochs, args.width,
+                                      args.patients, args.slices, seed)  # fmt: skip
+            run = run_recipe(name, common, out, seed if len(seeds) > 1 else None)
+            print(f"[{name}] seed {seed}: Dice {_cell(run.dice)}, FP {_cell(run.fp_ml, 2)} mL, "
+                  f"outside {_cell(run.outside_ml, 2)} mL, {run.steps} steps, "
+                  f"{run.seconds:.0f} s", flush=True)  # fmt: skip
+            runs.append(run)
+        results.append(mean_over_seeds(runs))
+        all_runs += runs
 
     table = format_table(results)
     holds, line = verdict(results)
@@ -372,7 +429,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"Phantom {args.patients} patients x {args.slices} slices of {args.size}x{args.size} "
         f"(seed 0), CV round 0 of 5 (the same split for every row), {args.epochs} epochs, U-Net "
         f"base {args.width}, windows {args.size // 4}/{args.size // 8}, batch 16 windows "
-        "(full_slice_plus: 2 slices), seed 42, CPU. Dice: the paper's (test patients with ICH); "
+        f"(full_slice_plus: 2 slices), seeds {', '.join(map(str, seeds))}"
+        f"{' (means over the seeds; Dice ± its standard deviation)' if len(seeds) > 1 else ''}"
+        ", CPU. Dice: the paper's (test patients with ICH); "
         "FP mL: mean predicted volume on the ICH-free test patients; outside mL: mean predicted "
         "volume outside the true bleed over all test patients; sens/spec: pooled slice "
         "detection at 0.5; Δ: against the paper row."
@@ -381,6 +440,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     document = {
         "settings": vars(args) | {"out": str(out)},
         "results": [asdict(r) for r in results],
+        "runs": [asdict(r) for r in all_runs],
         "improved_beats_paper": holds,
         "verdict": line,
     }

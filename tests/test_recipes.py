@@ -168,3 +168,24 @@ def test_every_recipe_composes_and_each_switch_changes_its_base(tmp_path):
     assert composed("+windows")["model"]["net"]["in_channels"] == 3
     assert composed("plus-dice_bce")["model"]["loss"] is None
     assert composed("+oversample")["data"]["undersampling"] == "oversample"
+
+
+def test_rows_over_seeds_are_means_with_the_dice_spread():
+    bench = load_bench()
+    runs = [
+        bench.replace(result(bench, "windowed_plus", dice, fp, 2 * fp), seeds=[seed], tuned=tuned)
+        for seed, dice, fp, tuned in [
+            (42, 0.5, 1.0, {"threshold": 0.3, "postprocess": False}),
+            (43, 0.7, 3.0, {"threshold": 0.7, "postprocess": True}),
+        ]
+    ]
+    row = bench.mean_over_seeds(runs)
+    assert row.seeds == [42, 43] and row.dice == pytest.approx(0.6)
+    assert row.dice_sd == pytest.approx(np.std([0.5, 0.7], ddof=1))
+    assert (row.fp_ml, row.outside_ml, row.seconds) == (2.0, 4.0, 2.0)
+    assert row.points == ["0.3, no morphology (val)", "0.7, closing/opening (val)"]
+    table = bench.format_table([row])
+    assert "| windowed_plus | 0.600 ± 0.141 |" in table
+    assert "0.3, no morphology (val) / 0.7, closing/opening (val)" in table
+    single = bench.mean_over_seeds(runs[:1])
+    assert single.dice == 0.5 and "| 0.500 |" in bench.format_table([single])
