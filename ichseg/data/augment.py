@@ -1,6 +1,6 @@
 """Training augmentation: the paper's random affine transform, built with albumentations ``Affine``.
 
-The authors used Keras' ``ImageDataGenerator`` (REFERENCE.md section 2): rotation up to 20 degrees,
+The authors used Keras' ``ImageDataGenerator`` (Hssayeni et al. 2020): rotation up to 20 degrees,
 width and height shifts up to 0.1 of the size (independently per axis), shear 0.1, zoom 0.8-1.2,
 the border filled by replicating the edge, no flips.
 

@@ -1,6 +1,6 @@
 """Read the PhysioNet CT-ICH dataset, either release, into per-patient :class:`Scan` records.
 
-Two layouts exist (REFERENCE.md section 1):
+Two layouts exist (docs/data.md):
 
 * NIfTI release 1.3.x: ``ct_scans/NNN.nii[.gz]`` (int16 HU, slices on axis 2),
   ``masks/NNN.nii[.gz]``, ``hemorrhage_diagnosis_raw_ct.csv``, ``Patient_demographics.csv``.

@@ -1,6 +1,6 @@
 """Patient-grouped, stratified K-fold cross-validation and the ``splits.json`` file that stores it.
 
-The paper's protocol (REFERENCE.md section 2): patients are split into K = 5 folds; CV round ``r``
+The paper's protocol (Hssayeni et al. 2020): patients are split into K = 5 folds; CV round ``r``
 tests on fold ``r``, validates on fold ``(r + 1) mod K`` and trains on the other K - 2 folds
 (3/1/1).
 Over the K rounds every patient is tested exactly once and validated exactly once.

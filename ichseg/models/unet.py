@@ -1,6 +1,6 @@
 """The U-Net of Hssayeni et al. 2020 (24 convolution layers), with its width and depth configurable.
 
-At the defaults it is the paper's network exactly (REFERENCE.md section 2): encoder blocks of two
+At the defaults it is the paper's network exactly: encoder blocks of two
 3x3 convolutions at 64, 128, 256 and 512 filters, each followed by 2x2 max-pooling; dropout 0.5
 after the 512 block and after the 1024 bottleneck; decoder blocks of nearest upsampling, a 2x2
 convolution, concatenation with the skip and two 3x3 convolutions; then a 3x3 convolution with two
