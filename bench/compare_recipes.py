@@ -228,39 +228,18 @@ def shared_overrides(
     ]
 
 
-def compose(overrides: Sequence[str], output_dir: Path):
-    """The composed training config, as ``python -m ichseg.train`` would build it."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_module
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import open_dict
-
-    from ichseg.train import register_resolvers
-
-    register_resolvers()
-    GlobalHydra.instance().clear()
-    with initialize_config_module("ichseg.conf", version_base="1.3"):
-        cfg = hydra_compose("train", overrides=list(overrides), return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        del cfg.hydra
-        cfg.paths.output_dir = str(output_dir)
-    return cfg
-
-
 def run_recipe(name: str, common: list[str], out: Path, seed: int | None = None) -> RecipeResult:
     """Train and test one recipe; its outputs go into ``out/<name>`` (``out/<name>/seed<seed>``
     when ``seed`` is given; ``common`` holds the matching ``seed=`` override)."""
     import torch
 
-    from ichseg.train import train
+    from ichseg.train import compose_config, train
 
     description, overrides = RECIPES[name]
     run_dir = out / name.lstrip("+")
     if seed is not None:
         run_dir = run_dir / f"seed{seed}"
-    cfg = compose([*common, *overrides], run_dir)  # the recipe's own settings win
+    cfg = compose_config([*common, *overrides], run_dir)  # the recipe's own settings win
     start = time.perf_counter()
     metrics = train(cfg)
     seconds = time.perf_counter() - start

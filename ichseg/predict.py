@@ -52,7 +52,7 @@ from scipy import ndimage
 from torch import nn
 
 from ichseg.data.ctich import find_release
-from ichseg.data.patches import make_grid
+from ichseg.data.patches import check_context_slices, input_channels, make_grid
 from ichseg.data.windowing import get_window, stack_windows, to_working_size
 from ichseg.errors import ConfigError, DatasetError, IchsegError
 from ichseg.eval.postprocess import PostprocessConfig, grid_scale, postprocess
@@ -128,7 +128,7 @@ class Preprocessing:
     @property
     def in_channels(self) -> int:
         """Network input channels: ``len(channels) * (2 * context_slices + 1)``."""
-        return len(self.channels) * (2 * self.context_slices + 1)
+        return input_channels(len(self.channels), self.context_slices)
 
     @property
     def windows_per_slice(self) -> int:
@@ -449,12 +449,10 @@ def preprocessing_from_meta(
             f"{source}: the window ({sizes['window']}) is larger than the working size "
             f"({sizes['working_size']})"
         )
-    context_slices = data.get("context_slices") or 0  # absent in checkpoints before 2.5D input
-    valid = isinstance(context_slices, int) and not isinstance(context_slices, bool)
-    if not valid or context_slices < 0:
-        raise CheckpointError(
-            f"{source}: data.context_slices must be a non-negative integer, got {context_slices!r}"
-        )
+    try:  # absent in checkpoints before 2.5D input
+        context_slices = check_context_slices(data.get("context_slices") or 0)
+    except ConfigError as error:
+        raise CheckpointError(f"{source}: data.{error}") from None
     return Preprocessing(
         mode, sizes["window"], sizes["stride"], sizes["working_size"], channels, working_mode,
         context_slices,

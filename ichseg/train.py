@@ -14,12 +14,15 @@ Examples::
 
 from __future__ import annotations
 
+import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from ichseg.data import patches
 from ichseg.errors import ConfigError, IchsegError
 
 PROG = "ichseg.train"
@@ -28,7 +31,7 @@ PROG = "ichseg.train"
 def input_channels(channels: Any, context_slices: Any = 0) -> int:
     """Network input channels: one per CT window per slice of the 2.5D context,
     ``len(channels) * (2 * context_slices + 1)``."""
-    return len(channels) * (2 * int(context_slices or 0) + 1)
+    return patches.input_channels(len(channels), int(context_slices or 0))
 
 
 def register_resolvers() -> None:
@@ -148,6 +151,29 @@ def instantiate_dict(section: DictConfig | None) -> list[Any]:
     ]
 
 
+def compose_config(
+    overrides: Sequence[str] = (), output_dir: str | os.PathLike[str] | None = None
+) -> DictConfig:
+    """``conf/train.yaml`` composed with ``overrides`` as ``python -m ichseg.train`` composes it,
+    ready for :func:`train` from Python (a notebook, a benchmark): the resolvers registered and
+    Hydra's runtime config set; ``output_dir`` replaces ``paths.output_dir`` (default: Hydra's
+    ``hydra.run.dir``, which is not created)."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    register_resolvers()
+    GlobalHydra.instance().clear()
+    with initialize_config_module("ichseg.conf", version_base="1.3"):
+        cfg = compose("train", overrides=list(overrides), return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg.hydra
+        if output_dir is not None:
+            cfg.paths.output_dir = str(output_dir)
+    return cfg
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit and test one round as configured; returns the logged metrics as floats."""
     import pytorch_lightning as pl
@@ -158,9 +184,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     datamodule = build_datamodule(cfg)
     model = instantiate(cfg.model)
-    model.meta = checkpoint_meta(
-        cfg
-    )  # plain data, set after instantiate so "_target_" stays a string
+    # plain data, set after instantiate so "_target_" stays a string
+    model.meta = checkpoint_meta(cfg)
     callbacks = instantiate_dict(cfg.get("callbacks"))
     loggers = instantiate_dict(cfg.get("logger"))
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)

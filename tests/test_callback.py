@@ -314,14 +314,8 @@ def test_nan_free_scalars_for_a_split_without_ich():
 
 def test_train_entry_point_writes_the_stitched_report(tmp_path):
     """`ichseg.train.train` with the composed config (experiment=demo) writes report.json."""
-    from hydra import compose, initialize_config_module
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import open_dict
+    from ichseg.train import compose_config, train
 
-    from ichseg.train import register_resolvers, train
-
-    register_resolvers()
     run_dir = tmp_path / "run"
     overrides = [
         "experiment=demo", f"paths.log_dir={tmp_path}", f"paths.output_dir={run_dir}",
@@ -330,12 +324,7 @@ def test_train_entry_point_writes_the_stitched_report(tmp_path):
         "data.stride=16", "model.net.base_filters=4", "model.net.depth=2", "trainer.max_epochs=1",
         "++trainer.limit_train_batches=2", "callbacks.progress_bar.refresh_rate=0",
     ]  # fmt: skip
-    GlobalHydra.instance().clear()
-    with initialize_config_module("ichseg.conf", version_base="1.3"):
-        cfg = compose("train", overrides=overrides, return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        del cfg.hydra
+    cfg = compose_config(overrides)
     assert cfg.callbacks.stitched_eval.min_area == 400  # in the default callbacks
     metrics = train(cfg)
     report = strict_json(run_dir / "report.json")

@@ -17,7 +17,7 @@ from test_train import TINY, compose_train
 
 from ichseg.losses import DiceBCELoss
 from ichseg.predict import load_predictor
-from ichseg.train import checkpoint_meta, train
+from ichseg.train import checkpoint_meta, compose_config, train
 
 ROOT = Path(__file__).resolve().parents[1]
 PLUS = ["windowed_plus", "full_slice_plus"]
@@ -155,7 +155,7 @@ def test_every_recipe_composes_and_each_switch_changes_its_base(tmp_path):
     common = bench.shared_overrides(tmp_path / "phantom", tmp_path, 128, 2, 8, 20, 12)
 
     def composed(name):
-        cfg = bench.compose([*common, *bench.RECIPES[name][1]], tmp_path / name)
+        cfg = compose_config([*common, *bench.RECIPES[name][1]], tmp_path / name)
         return OmegaConf.to_container(cfg, resolve=True)
 
     paper_lr, plus = composed("paper_lr"), composed("windowed_plus")

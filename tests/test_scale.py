@@ -37,9 +37,8 @@ def test_slurm_launcher_config_composes():
         )
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher")
-    assert (
-        launcher.tasks_per_node == launcher.gpus_per_node == 4
-    )  # one task per GPU, as Lightning expects
+    # one task per GPU, as Lightning expects
+    assert launcher.tasks_per_node == launcher.gpus_per_node == 4
 
 
 def run_cli(args: list[str], env: dict[str, str], **kwargs) -> subprocess.Popen:

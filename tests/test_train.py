@@ -9,13 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_module
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf, open_dict
 
 from ichseg.errors import ConfigError
-from ichseg.train import register_resolvers, resolve_ckpt_path, train
+from ichseg.train import compose_config, resolve_ckpt_path, train
 
 EXPERIMENTS = ["windowed", "full_slice", "threshold", "demo"]
 TINY = [
@@ -36,13 +33,7 @@ TINY = [
 
 
 def compose_train(overrides: list[str], output_dir: Path | None = None):
-    register_resolvers()
-    GlobalHydra.instance().clear()
-    with initialize_config_module("ichseg.conf", version_base="1.3"):
-        cfg = compose("train", overrides=overrides, return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        del cfg.hydra
+    cfg = compose_config(overrides)
     if output_dir is not None:
         with open_dict(cfg):
             cfg.paths.output_dir = str(output_dir)

@@ -71,6 +71,7 @@ from ichseg.data.patches import (
     epoch_generator,
     flat_window_ids,
     foreground_per_batch,
+    input_channels,
     make_grid,
     oversampled_windows,
     pack_masks,
@@ -768,7 +769,7 @@ class CTICHDataModule(pl.LightningDataModule):
     @property
     def in_channels(self) -> int:
         """Input channels of the network: ``len(channels) * (2 * context_slices + 1)``."""
-        return len(self.channels) * (2 * self.context_slices + 1)
+        return input_channels(len(self.channels), self.context_slices)
 
     def prepare_data(self) -> None:
         """Build the on-disk slice cache once (Lightning calls this on one process per node)."""

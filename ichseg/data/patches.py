@@ -187,6 +187,12 @@ def check_context_slices(value: object) -> int:
     return int(value)  # type: ignore[arg-type]
 
 
+def input_channels(n_channels: int, context_slices: int = 0) -> int:
+    """Network input channels of 2.5D input: ``n_channels`` CT windows for each of the
+    ``2 * context_slices + 1`` slices ``s - k .. s + k``."""
+    return int(n_channels) * (2 * check_context_slices(context_slices) + 1)
+
+
 def context_rows(
     rows: np.ndarray,
     context_slices: int,

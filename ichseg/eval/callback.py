@@ -78,9 +78,8 @@ from ichseg.eval.metrics import (
     SUBTYPE_NAMES,
     EvaluationTables,
     SliceCounts,
-    Summary,
-    patient_metrics,
     score_probabilities,
+    segmentation_table,
     slice_dice,
     voxel_volume_ml,
 )
@@ -305,14 +304,22 @@ def _patient_facts(scan: Any) -> tuple[np.ndarray, PatientInfo]:
     return flags, info
 
 
+def _truth_and_scale(scan: Any, options: ScoringOptions) -> tuple[np.ndarray, float]:
+    """The scan's ground truth ``(N, H, W)`` bool on its original grid, and that grid's scale for
+    the morphology and the area minimum (sizes at ``options.reference_size``)."""
+    truth = np.moveaxis(np.asarray(scan.mask, dtype=bool), -1, 0)
+    scale = grid_scale(
+        scan.original_shape, scan.images.shape[-1], scan.working_mode, options.reference_size
+    )
+    return truth, scale
+
+
 def _count_scan(
     native: np.ndarray, scan: Any, options: ScoringOptions, config: PostprocessConfig
 ) -> SliceCounts:
     """Slice counts of original-grid probabilities at every threshold with ``config``'s
     morphology (sizes at ``options.reference_size``)."""
-    shape = scan.original_shape
-    truth = np.moveaxis(np.asarray(scan.mask, dtype=bool), -1, 0)  # (N, H, W)
-    scale = grid_scale(shape, scan.images.shape[-1], scan.working_mode, options.reference_size)
+    truth, scale = _truth_and_scale(scan, options)
     voxel_ml = math.nan if scan.spacing is None else voxel_volume_ml(scan.spacing)
     return score_probabilities(
         native, truth, scan.patient_id, np.arange(1, scan.n_slices + 1), options.thresholds,
@@ -357,14 +364,10 @@ def score_scan(
         dice = slice_dice(counts, threshold)
         rows = gallery.candidates(dice, counts.gt_pixels)
         if rows.size:
-            shape = scan.original_shape
-            truth = np.moveaxis(np.asarray(scan.mask, dtype=bool), -1, 0)  # (N, H, W)
-            scale = grid_scale(
-                shape, scan.images.shape[-1], scan.working_mode, options.reference_size
-            )
+            truth, scale = _truth_and_scale(scan, options)
             predicted = postprocess(native[rows], options.postprocess.with_threshold(threshold),
                                     scale)  # fmt: skip
-            shown = to_original_grid(scan.images[rows, :1].astype(np.float32), shape,
+            shown = to_original_grid(scan.images[rows, :1].astype(np.float32), scan.original_shape,
                                      scan.working_mode)[:, 0]  # fmt: skip
             gallery.add(
                 _Overlay(float(dice[r]), int(counts.gt_pixels[r]), int(scan.patient_id), int(r + 1),
@@ -454,7 +457,7 @@ def choose_on_validation(
     grid = []
     for enabled, result in results.items():
         for level in thresholds:
-            dice = segmentation_dice(result.counts, level, min_area)
+            dice = float(segmentation_table(result.counts, level, min_area).dice.mean)
             grid.append({"threshold": float(level), "postprocess": bool(enabled), "dice": dice})
     patients = tuple(sorted(int(p) for r in results.values() for p in r.patients))
     patients = tuple(dict.fromkeys(patients))
@@ -468,11 +471,6 @@ def choose_on_validation(
                          abs(row["threshold"] - default_threshold), row["threshold"]),
     )  # fmt: skip
     return TuningChoice(best["threshold"], best["postprocess"], best["dice"], tuple(grid), patients)
-
-
-def segmentation_dice(counts: SliceCounts, threshold: float, min_area: float) -> float:
-    """The paper's Dice (mean over patients with ICH of their mean ICH-slice Dice)."""
-    return float(Summary.of(patient_metrics(counts, threshold, min_area).dice).mean)
 
 
 def scalar_metrics(tables: EvaluationTables, prefix: str) -> dict[str, float]:

@@ -50,7 +50,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from ichseg.data.patches import make_grid
+from ichseg.data.patches import check_context_slices, make_grid
 from ichseg.data.windowing import from_working_size
 from ichseg.errors import ConfigError
 
@@ -202,11 +202,8 @@ def context_index(slice_ids: torch.Tensor, context_slices: int, n_slices: int) -
 
     The same rule as the training data's :func:`ichseg.data.patches.context_rows`.
     """
-    if context_slices < 0:
-        raise ConfigError(f"context_slices must be a non-negative integer, got {context_slices}")
-    offsets = torch.arange(
-        -context_slices, context_slices + 1, device=slice_ids.device, dtype=slice_ids.dtype
-    )
+    k = check_context_slices(context_slices)
+    offsets = torch.arange(-k, k + 1, device=slice_ids.device, dtype=slice_ids.dtype)
     return (slice_ids[:, None] + offsets[None, :]).clamp_(0, n_slices - 1)
 
 
