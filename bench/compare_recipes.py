@@ -97,9 +97,12 @@ SWITCHES: dict[str, tuple[str, list[str], list[str]]] = {
     ),
     "tuned": (
         "Gaussian stitching, val-tuned threshold / post-processing",
-        ["callbacks.stitched_eval.blend_mode=gaussian", "callbacks.stitched_eval.tune_on_val=true"],
         [
-            "callbacks.stitched_eval.blend_mode=constant",
+            "callbacks.stitched_eval.inference.blend=gaussian",
+            "callbacks.stitched_eval.tune_on_val=true",
+        ],
+        [
+            "callbacks.stitched_eval.inference.blend=constant",
             "callbacks.stitched_eval.tune_on_val=false",
         ],
     ),

@@ -220,6 +220,11 @@ class ICHSegmentationModule(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.meta = dict(checkpoint.get("ichseg", {}))
+        #: (epoch, global_step) at which the loaded weights were saved (named in reports).
+        self.loaded_position = (
+            int(checkpoint.get("epoch", 0)),
+            int(checkpoint.get("global_step", 0)),
+        )
 
 
 def keep_overlay_batch(module: Any, batch: Mapping[str, torch.Tensor]) -> None:

@@ -87,29 +87,39 @@ def check_data_root(data_cfg: DictConfig) -> None:
         )
 
 
-def checkpoint_meta(cfg: DictConfig) -> dict[str, Any]:
-    """What prediction needs to rebuild the network and its inputs, as plain data."""
-    data = cfg.data
-    keys = (
-        "mode",
-        "window",
-        "stride",
-        "working_size",
-        "working_mode",
-        "channels",
-        "context_slices",
+def train_overrides() -> list[str]:
+    """The command-line overrides of this run (Hydra's task overrides; [] outside Hydra)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return []
+    return [str(o) for o in HydraConfig.get().overrides.task]
+
+
+def checkpoint_meta(cfg: DictConfig, datamodule: Any, callbacks: Sequence[Any]) -> dict[str, Any]:
+    """What prediction and re-evaluation need to rebuild the network, its inputs and how it was
+    scored (:func:`ichseg.checkpoint.make_meta`): the DataModule's resolved input spec and the
+    stitched evaluation's inference spec (the defaults without that callback)."""
+    from ichseg.checkpoint import make_meta
+    from ichseg.eval.callback import StitchedEvaluation
+    from ichseg.specs import InferenceSpec
+
+    evaluation = next((c for c in callbacks if isinstance(c, StitchedEvaluation)), None)
+    inference = evaluation.inference if evaluation is not None else InferenceSpec()
+    net = OmegaConf.to_container(cfg.model.net, resolve=True)
+    meta = make_meta(net, datamodule.input_spec, inference, train_overrides())
+    splits_dir = cfg.data.get("splits_dir")
+    splits = cfg.data.get("splits_file") or (
+        Path(splits_dir) / "splits.json" if splits_dir else None
     )
-    return {
-        "format": "ichseg-checkpoint",
-        "version": 1,
-        "net": OmegaConf.to_container(cfg.model.net, resolve=True),
-        "data": {key: OmegaConf.to_container(data, resolve=True).get(key) for key in keys},
-        "threshold": cfg.model.get("threshold", 0.5),
-    }
+    meta["splits_file"] = None if splits is None else str(splits)
+    return meta
 
 
 def resolve_ckpt_path(cfg: DictConfig) -> str | None:
-    """``ckpt_path``: None, an existing file, or "last" (``checkpoints/last.ckpt`` of this run)."""
+    """``ckpt_path``: None, an existing file, or "last" (``checkpoints/last.ckpt`` of this run).
+
+    With ``train=false`` it is the checkpoint tested."""
     value = cfg.get("ckpt_path")
     if value in (None, ""):
         return None
@@ -122,7 +132,8 @@ def resolve_ckpt_path(cfg: DictConfig) -> str | None:
             if value == "last"
             else ""
         )
-        raise ConfigError(f"{path}: checkpoint to resume from does not exist{hint}")
+        purpose = "resume from" if cfg.get("train", True) else "test"
+        raise ConfigError(f"{path}: checkpoint to {purpose} does not exist{hint}")
     return str(path)
 
 
@@ -184,9 +195,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     datamodule = build_datamodule(cfg)
     model = instantiate(cfg.model)
-    # plain data, set after instantiate so "_target_" stays a string
-    model.meta = checkpoint_meta(cfg)
     callbacks = instantiate_dict(cfg.get("callbacks"))
+    # plain data, set after instantiate so "_target_" stays a string
+    model.meta = checkpoint_meta(cfg, datamodule, callbacks)
     loggers = instantiate_dict(cfg.get("logger"))
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     for logger in loggers:
@@ -197,21 +208,52 @@ def train(cfg: DictConfig) -> dict[str, float]:
         trainer.fit(model, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg))
         metrics.update(_floats(trainer.callback_metrics))
     if cfg.get("test", True):
-        best = (
-            getattr(trainer.checkpoint_callback, "best_model_path", "")
-            if cfg.get("train", True)
-            else ""
+        trainer.test(
+            model, datamodule=datamodule, ckpt_path=checkpoint_to_test(cfg, trainer, datamodule)
         )
-        ckpt = best or None
-        if ckpt is None and cfg.get("train", True):
-            print(
-                f"[{PROG}] no best checkpoint was saved: testing the current weights",
-                file=sys.stderr,
-            )
-        trainer.test(model, datamodule=datamodule, ckpt_path=ckpt)
         metrics.update(_floats(trainer.callback_metrics))
     _print_outputs(cfg, trainer)
     return metrics
+
+
+def checkpoint_to_test(cfg: DictConfig, trainer: Any, datamodule: Any) -> str | None:
+    """After fitting: the best checkpoint. With ``train=false``: ``ckpt_path`` (the weights of
+    that checkpoint are scored). None (with a warning): the model's current weights."""
+    if cfg.get("train", True):
+        best = getattr(trainer.checkpoint_callback, "best_model_path", "") or None
+        if best is None:
+            print(f"[{PROG}] no best checkpoint was saved: testing the current weights",
+                  file=sys.stderr)  # fmt: skip
+        return best
+    ckpt = resolve_ckpt_path(cfg)
+    if ckpt is not None:
+        check_input_spec(ckpt, datamodule.input_spec)
+    if ckpt is None:
+        print(
+            f"[{PROG}] train=false without ckpt_path: testing the INITIAL (untrained) weights; "
+            "to score a trained model use python -m ichseg.evaluate ckpt=<checkpoint>",
+            file=sys.stderr,
+        )
+    return ckpt
+
+
+def check_input_spec(ckpt: str | os.PathLike[str], input_spec: Any) -> None:
+    """Refuse to test a checkpoint on data prepared otherwise than it was trained on."""
+    from dataclasses import fields
+
+    from ichseg.checkpoint import read_checkpoint, specs_from_meta
+
+    meta, _ = read_checkpoint(ckpt)
+    stored, _ = specs_from_meta(meta, str(ckpt))
+    differ = [
+        f.name for f in fields(stored) if getattr(stored, f.name) != getattr(input_spec, f.name)
+    ]
+    if differ:
+        name = differ[0]
+        raise ConfigError(
+            f"{ckpt}: the data settings differ from the checkpoint's input spec ({name}: "
+            f"{getattr(input_spec, name)!r} here, {getattr(stored, name)!r} in the checkpoint)"
+        )
 
 
 def _floats(metrics: dict[str, Any]) -> dict[str, float]:

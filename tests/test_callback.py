@@ -22,11 +22,11 @@ from ichseg.errors import ConfigError
 from ichseg.eval.callback import (
     ShardResult,
     StitchedEvaluation,
-    grid_scale,
     merge_shards,
     shard_patients,
 )
 from ichseg.eval.metrics import SliceCounts
+from ichseg.eval.postprocess import grid_scale
 from ichseg.eval.report import PatientInfo
 from ichseg.module import ICHSegmentationModule
 
@@ -108,7 +108,7 @@ def expected_slices(datamodule: CTICHDataModule) -> set[tuple[int, int]]:
 @pytest.mark.parametrize("case", list(CASES))
 def test_oracle_scores_one_and_every_test_slice_is_written_once(case, datamodules, tmp_path):
     datamodule = datamodules[case]
-    callback = StitchedEvaluation(min_area=0, postprocess=False, n_overlays=2)
+    callback = StitchedEvaluation(min_area=0, inference={"postprocess": False}, n_overlays=2)
     logger = TensorBoardLogger(tmp_path, name="tb", version="")
     trainer = make_trainer(tmp_path, [callback], logger=logger)
     results = trainer.test(ICHSegmentationModule(Oracle()), datamodule=datamodule, verbose=False)
@@ -157,7 +157,7 @@ def test_oracle_scores_one_and_every_test_slice_is_written_once(case, datamodule
 def test_the_original_masks_are_the_reference(datamodules, tmp_path):
     """The counts' ground truth is the mask on the scan's own grid (here 96 = working size)."""
     datamodule = datamodules["nifti-windowed"]
-    callback = StitchedEvaluation(min_area=0, postprocess=False, n_overlays=0)
+    callback = StitchedEvaluation(min_area=0, inference={"postprocess": False}, n_overlays=0)
     make_trainer(tmp_path, [callback]).test(
         ICHSegmentationModule(Oracle()), datamodule=datamodule, verbose=False
     )
@@ -188,7 +188,7 @@ def test_gaussian_blending_and_a_resampled_grid_stay_close_to_perfect(nifti_phan
     """Working size 128 from 96 (as 640 from 512): probabilities are resampled back to 96."""
     datamodule = oracle_datamodule(nifti_phantom.root, working_size=128)
     callback = StitchedEvaluation(
-        min_area=0, postprocess=False, blend_mode="gaussian", n_overlays=0
+        min_area=0, inference={"postprocess": False, "blend": "gaussian"}, n_overlays=0
     )
     trainer = make_trainer(tmp_path, [callback])
     trainer.test(ICHSegmentationModule(Oracle()), datamodule=datamodule, verbose=False)
@@ -198,7 +198,9 @@ def test_gaussian_blending_and_a_resampled_grid_stay_close_to_perfect(nifti_phan
 
 def test_val_split_is_scored_during_fit_for_the_checkpoint(datamodules, tmp_path):
     datamodule = datamodules["nifti-windowed"]
-    callback = StitchedEvaluation(every_n_val_epochs=2, min_area=0, postprocess=False, n_overlays=0)
+    callback = StitchedEvaluation(
+        every_n_val_epochs=2, min_area=0, inference={"postprocess": False}, n_overlays=0
+    )
     checkpoint = ModelCheckpoint(
         dirpath=tmp_path / "ckpt", monitor="val/stitched_dice", mode="max", every_n_epochs=2
     )
@@ -228,14 +230,14 @@ def test_a_val_split_at_test_time_goes_into_its_own_folder(datamodules, tmp_path
 def test_bad_options_and_a_missing_datamodule_are_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="splits"):
         StitchedEvaluation(splits=["train"])
-    with pytest.raises(ConfigError, match="post-processing option"):
-        StitchedEvaluation(postprocess={"closing": 10})
-    with pytest.raises(ConfigError, match="blend_mode"):
-        StitchedEvaluation(blend_mode="median")
+    with pytest.raises(ConfigError, match="unknown key.*closing"):
+        StitchedEvaluation(inference={"closing": 10})
+    with pytest.raises(ConfigError, match="blend"):
+        StitchedEvaluation(inference={"blend": "median"})
     with pytest.raises(ConfigError, match="threshold"):
         StitchedEvaluation(thresholds=[0.5, 1.5])
-    off = StitchedEvaluation(postprocess={"enabled": False, "closing_size": 10})
-    assert off.postprocess.steps() == []
+    off = StitchedEvaluation(inference={"postprocess": False, "closing_size": 10})
+    assert off.inference.postprocess_config().steps() == []
     loader = DataLoader([{"image": torch.zeros(1, 8, 8), "mask": torch.zeros(1, 8, 8)}])
     with pytest.raises(ConfigError, match="datamodule"):
         make_trainer(tmp_path, [StitchedEvaluation()]).test(

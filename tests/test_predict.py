@@ -20,20 +20,10 @@ from ichseg.errors import ConfigError, DatasetError
 from ichseg.eval.stitch import stitch
 from ichseg.models import UNet
 from ichseg.module import ICHSegmentationModule
-from ichseg.predict import (
-    ALLOWED_NETS,
-    CheckpointError,
-    PredictOptions,
-    Predictor,
-    as_hu,
-    find_inputs,
-    load_predictor,
-    parse_options,
-    predict_files,
-    predict_volume,
-    read_checkpoint,
-    voxel_volume_ml,
-)
+from ichseg.checkpoint import ALLOWED_NETS, CheckpointError, read_checkpoint
+from ichseg.inference import Predictor
+from ichseg.io.nifti import as_hu, voxel_volume_ml
+from ichseg.predict import compose_predict_config, find_inputs, load_predictor, predict_files
 
 ROOT = Path(__file__).resolve().parents[1]
 NET = {
@@ -49,7 +39,8 @@ DATA = {"mode": "windowed", "window": 32, "stride": 16, "working_size": 64, "cha
 
 
 def make_meta(**changes) -> dict:
-    """A meta like ichseg.train.checkpoint_meta writes, for the tiny test network."""
+    """A format-1 meta (``data`` and ``threshold``), for the tiny test network: version-1
+    checkpoints still load."""
     meta = {
         "format": "ichseg-checkpoint",
         "version": 1,
@@ -168,11 +159,10 @@ def test_cli_writes_masks_in_the_input_space(phantom, checkpoint, tmp_path):
 
 
 def test_mask_is_the_thresholded_probability_without_postprocessing(phantom, checkpoint):
-    predictor = load_predictor(checkpoint, device="cpu", threshold=0.3)
+    predictor = load_predictor(checkpoint, device="cpu", threshold=0.3, postprocess=False)
     scan = scan_paths(phantom)[0]
     hu = np.asanyarray(nib.load(scan).dataobj)
-    config = PredictOptions(postprocess=False).postprocess_config(predictor.threshold)
-    probabilities, mask = predict_volume(predictor, hu, config)
+    probabilities, mask = predictor.predict_hu(hu)
     assert probabilities.shape == mask.shape == hu.shape
     np.testing.assert_array_equal(mask, probabilities > 0.3)
 
@@ -183,7 +173,7 @@ def test_checkpoint_weights_and_preprocessing_match_training(phantom, tmp_path):
     predictor = load_predictor(path, device="cpu")
     for name, tensor in module.net.state_dict().items():
         torch.testing.assert_close(predictor.net.state_dict()[name], tensor)
-    assert predictor.preprocessing.window == 32 and predictor.preprocessing.working_size == 64
+    assert predictor.input_spec.tile_size == 32 and predictor.input_spec.working_size == 64
 
     hu = np.asanyarray(nib.load(scan_paths(phantom)[0]).dataobj)
     # the training store: uint8 brain window, scaled by 1/255 in the batch
@@ -191,24 +181,24 @@ def test_checkpoint_weights_and_preprocessing_match_training(phantom, tmp_path):
 
     images = np.moveaxis(apply_window(hu, "brain", np.uint8), 2, 0)[:, None]
     expected = stitch(module.net.eval(), torch.from_numpy(images).float() / 255, 32, 16)
-    got = predictor.probabilities(hu)
+    got, _ = predictor.predict_hu(hu)
     np.testing.assert_allclose(got, np.moveaxis(expected.numpy(), 0, 2), atol=1e-6)
 
 
 def test_oracle_model_gives_the_true_volume(phantom, checkpoint, tmp_path, monkeypatch):
-    predictor = load_predictor(checkpoint, device="cpu")
+    predictor = load_predictor(checkpoint, device="cpu", postprocess=False)
     truth = {}
     for scan in scan_paths(phantom):
         hu = np.asanyarray(nib.load(scan).dataobj)
-        truth[hu.tobytes()] = true_mask(phantom, scan)
+        truth[predictor.working_slices(hu).tobytes()] = true_mask(phantom, scan)
 
-    def oracle(hu, progress=None):
-        return truth[np.ascontiguousarray(hu).tobytes()].astype(np.float32)
+    def oracle(slices, shape, progress=None):
+        mask = truth[np.ascontiguousarray(slices).tobytes()]
+        return np.moveaxis(mask, 2, 0).astype(np.float32)
 
     monkeypatch.setattr(predictor, "probabilities", oracle)
     scans = find_inputs(phantom.root)
-    config = PredictOptions(postprocess=False).postprocess_config(0.5)
-    results = predict_files(predictor, scans, tmp_path / "out", config, progress=False)
+    results = predict_files(predictor, scans, tmp_path / "out", progress=False)
     assert any(result.stats.ich_voxels for result in results)  # the phantom has ICH
     for scan, result in zip(scans, results, strict=True):
         mask = true_mask(phantom, scan.path)
@@ -227,40 +217,18 @@ def test_oracle_model_gives_the_true_volume(phantom, checkpoint, tmp_path, monke
 
 
 def test_postprocessing_removes_specks_and_is_switchable(checkpoint, monkeypatch):
-    predictor = load_predictor(checkpoint, device="cpu")
-    probabilities = np.zeros((640, 640, 3), np.float32)  # the paper's scale: opening 5, closing 10
-    probabilities[10, 10, 1] = 1.0  # one isolated pixel: the opening removes it
-    probabilities[30:50, 30:50, 2] = 1.0  # a 20x20 square survives closing and opening
-    monkeypatch.setattr(predictor, "probabilities", lambda hu, progress=None: probabilities)
+    probabilities = np.zeros((3, 640, 640), np.float32)  # the paper's scale: opening 5, closing 10
+    probabilities[1, 10, 10] = 1.0  # one isolated pixel: the opening removes it
+    probabilities[2, 30:50, 30:50] = 1.0  # a 20x20 square survives closing and opening
     hu = np.zeros((640, 640, 3), np.int16)
-    _, mask = predict_volume(predictor, hu)
+    masks = {}
+    for postprocess in (True, False):
+        predictor = load_predictor(checkpoint, device="cpu", postprocess=postprocess)
+        monkeypatch.setattr(predictor, "probabilities", lambda s, shape, p=None: probabilities)
+        masks[postprocess] = predictor.predict_hu(hu)[1]
+    mask, raw = masks[True], masks[False]
     assert not mask[..., 1].any() and mask[..., 2].sum() == 400
-    _, raw = predict_volume(
-        predictor, hu, PredictOptions(postprocess=False).postprocess_config(0.5)
-    )
     assert raw[10, 10, 1] and raw.sum() == 401
-
-
-@pytest.mark.parametrize(
-    ("shape", "working_size", "working_mode"),
-    [
-        ((512, 512), 640, "resize"),
-        ((64, 64), 64, "resize"),
-        ((256, 200), 128, "resize"),
-        ((650, 650), 640, "crop"),
-    ],
-)
-def test_morphology_scale_matches_the_evaluation(shape, working_size, working_mode):
-    """Prediction scales the morphology exactly as the stitched evaluation does."""
-    from ichseg.eval.postprocess import grid_scale
-    from ichseg.predict import Preprocessing, morphology_scale
-
-    preprocessing = Preprocessing("windowed", 32, 16, working_size, ("brain",), working_mode)
-    assert morphology_scale(shape, preprocessing) == pytest.approx(
-        grid_scale(shape, working_size, working_mode)
-    )
-    if shape == (512, 512):
-        assert morphology_scale(shape, preprocessing) == (0.8, 0.8)
 
 
 def test_largest_component_is_3d():
@@ -279,7 +247,7 @@ def test_full_slice_checkpoint(phantom, tmp_path):
     save_lightning_checkpoint(path, make_meta(data=dict(DATA, mode="full_slice", window=64)))
     predictor = load_predictor(path, device="cpu")
     hu = np.asanyarray(nib.load(scan_paths(phantom)[0]).dataobj)
-    probabilities, mask = predict_volume(predictor, hu)
+    probabilities, mask = predictor.predict_hu(hu)
     assert probabilities.shape == mask.shape == hu.shape
 
 
@@ -346,22 +314,23 @@ def test_find_inputs(phantom, tmp_path):
         find_inputs(folder / "notes.txt")
 
 
-def test_parse_options():
-    options = parse_options(
-        ["ckpt=m.ckpt", "input=a.nii", "+output=out", "threshold=0.7", "postprocess=off", "amp=no"]
-    )
-    assert (options.ckpt, options.output, options.threshold) == (Path("m.ckpt"), Path("out"), 0.7)
-    assert options.postprocess is False and options.amp is False and options.closing == 10
-    assert parse_options(["ckpt=m", "input=a", "output=o", "threshold=null"]).threshold is None
+def test_command_line_is_composed_by_hydra_with_a_schema():
+    cfg = compose_predict_config(
+        ["ckpt=m.ckpt", "input=a.nii", "output=out", "inference.threshold=0.7",
+         "inference.postprocess=false"]
+    )  # fmt: skip
+    assert (cfg.ckpt, cfg.output, cfg.inference.threshold) == ("m.ckpt", "out", 0.7)
+    assert cfg.inference.postprocess is False and cfg.inference.blend is None
     for bad, message in [
         (["input=a", "output=o"], "missing ckpt="),
-        (["ckpt=m", "input=a", "output=o", "colour=red"], "unknown option 'colour'"),
-        (["ckpt=m", "input=a", "output=o", "amp=maybe"], "true or false"),
-        (["ckpt=m", "input=a", "output=o", "input=b"], "given twice"),
+        (["ckpt=m", "input=a", "output=o", "colour=red"], "Key 'colour' not in 'PredictConfig'"),
+        (["ckpt=m", "input=a", "output=o", "progress=maybe"], "not a valid bool"),
+        (["ckpt=m", "input=a", "output=o", "inference.threshold=abc"], "could not be converted"),
+        (["ckpt=m", "input=a", "output=o", "threshold=0.6"], "now inference.threshold"),
         (["ckpt=m", "scan.nii"], "key=value"),
     ]:
         with pytest.raises(ConfigError, match=message):
-            parse_options(bad)
+            compose_predict_config(bad)
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -388,7 +357,7 @@ def tiny_state_dict() -> dict:
     ("meta_changes", "message"),
     [
         ({"format": "other"}, "not of format"),
-        ({"version": 2}, "version 2 is not supported"),
+        ({"version": 3}, "version 3 is not supported"),
         ({"net": dict(NET, _target_="os.system")}, "'os.system' may not be built"),
         ({"net": dict(NET, _target_="ichseg.module.ICHSegmentationModule")}, "may not be built"),
         ({"net": dict(NET, _partial_=True)}, "unsupported network option '_partial_'"),
@@ -396,7 +365,7 @@ def tiny_state_dict() -> dict:
         ({"net": dict(NET, base_filters=8)}, "weights do not fit"),
         ({"net": dict(NET, in_channels=2)}, "2 input channel"),
         ({"data": dict(DATA, channels=["brain", "lung"])}, "unknown CT window"),
-        ({"data": dict(DATA, mode="patches")}, "data mode"),
+        ({"data": dict(DATA, mode="patches")}, "mode must be one of"),
         ({"data": dict(DATA, window=30)}, "not divisible"),
     ],
 )
@@ -432,17 +401,17 @@ def test_threshold_baseline_checkpoint_predicts_its_band(tmp_path):
     in the scan's grid.
     """
     from ichseg.data.windowing import apply_window
-    from ichseg.eval.postprocess import THRESHOLD_ONLY
-    from ichseg.predict import load_predictor, predict_volume
+    from ichseg.predict import load_predictor
 
     meta = make_meta(
         net={"_target_": "ichseg.models.threshold.IntensityBand", "channel": 0, "in_channels": 1},
         data={**DATA, "mode": "full_slice", "working_size": 48},
     )
     state = {"net.lower": torch.tensor(140), "net.upper": torch.tensor(230)}
-    predictor = load_predictor(_save_dict(tmp_path / "band.ckpt", meta, state), device="cpu")
+    path = _save_dict(tmp_path / "band.ckpt", meta, state)
+    predictor = load_predictor(path, device="cpu", postprocess=False)
     hu = np.random.default_rng(0).integers(-100, 200, size=(48, 48, 3)).astype(np.int16)
-    _, mask = predict_volume(predictor, hu, THRESHOLD_ONLY)
+    _, mask = predictor.predict_hu(hu)
     brain = apply_window(hu, "brain", np.uint8)
     np.testing.assert_array_equal(mask.astype(bool), (brain >= 140) & (brain <= 230))
 
@@ -461,11 +430,11 @@ def test_missing_state_dict(tmp_path):
 
 def test_gaussian_blending(phantom, checkpoint):
     hu = np.asanyarray(nib.load(scan_paths(phantom)[0]).dataobj)
-    constant = load_predictor(checkpoint, device="cpu").probabilities(hu)
-    gaussian = load_predictor(checkpoint, device="cpu", blend_mode="gaussian").probabilities(hu)
+    constant = load_predictor(checkpoint, device="cpu").predict_hu(hu)[0]
+    gaussian = load_predictor(checkpoint, device="cpu", blend="gaussian").predict_hu(hu)[0]
     assert gaussian.shape == constant.shape and not np.allclose(gaussian, constant)
-    with pytest.raises(ConfigError, match="blend_mode"):
-        load_predictor(checkpoint, device="cpu", blend_mode="median")
+    with pytest.raises(ConfigError, match="blend"):
+        load_predictor(checkpoint, device="cpu", blend="median")
 
 
 def test_predictor_device_checks(checkpoint):
@@ -519,7 +488,7 @@ def _bad_case(name: str, tmp_path: Path, phantom, checkpoint) -> tuple[list[str]
         return [f"ckpt={ckpt}", f"input={good_scan}", f"output={output}"], "may not be built"
     if name == "unknown option":
         return [f"ckpt={checkpoint}", f"input={good_scan}", f"output={output}", "colour=red"], (
-            "unknown option"
+            "not in 'PredictConfig'"
         )
     if name == "missing key":
         return [f"input={good_scan}", f"output={output}"], "missing ckpt="
@@ -567,7 +536,7 @@ def test_help(capsys):
 
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
-    assert "ckpt=PATH input=PATH output=DIR" in out and "window_batch_size" in out
+    assert "ckpt=PATH input=PATH output=DIR" in out and "inference.tile_batch_size" in out
 
 
 def test_one_bad_scan_among_good_ones(phantom, checkpoint, tmp_path, capsys):
@@ -616,8 +585,8 @@ def test_context_checkpoint_predicts_like_one_pass_over_the_stacked_volume(phant
     )
     path = tmp_path / "context.ckpt"
     module = save_lightning_checkpoint(path, meta)
-    predictor = load_predictor(path, device="cpu", window_batch_size=2)  # one slice per chunk
-    assert predictor.preprocessing.context_slices == 1 and predictor.preprocessing.in_channels == 9
+    predictor = load_predictor(path, device="cpu", tile_batch_size=2)  # one slice per chunk
+    assert predictor.input_spec.context_slices == 1 and predictor.input_spec.in_channels == 9
 
     from ichseg.data.windowing import stack_windows
 
@@ -627,7 +596,7 @@ def test_context_checkpoint_predicts_like_one_pass_over_the_stacked_volume(phant
     neighbours = np.clip(np.arange(n)[:, None] + np.arange(-1, 2), 0, n - 1)
     stacked = slices[neighbours].reshape(n, 9, 64, 64)  # the naive 2.5D volume
     expected = stitch(module.net.eval(), torch.from_numpy(stacked).float() / 255, 32, 16)
-    got = predictor.probabilities(hu)
+    got, _ = predictor.predict_hu(hu)
     np.testing.assert_allclose(got, np.moveaxis(expected.numpy(), 0, 2), atol=1e-6)
 
 

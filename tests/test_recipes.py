@@ -17,7 +17,8 @@ from test_train import TINY, compose_train
 
 from ichseg.losses import DiceBCELoss
 from ichseg.predict import load_predictor
-from ichseg.train import checkpoint_meta, compose_config, train
+from ichseg.specs import InputSpec
+from ichseg.train import compose_config, train
 
 ROOT = Path(__file__).resolve().parents[1]
 PLUS = ["windowed_plus", "full_slice_plus"]
@@ -48,7 +49,7 @@ def test_plus_experiments_compose_with_nine_input_channels(experiment, tmp_path)
     assert (data["mode"], data["working_size"]) == (experiment.removesuffix("_plus"), 640)
     if experiment == "windowed_plus":
         assert (data["window"], data["stride"], data["batch_size"]) == (160, 80, 32)
-        assert stitched["blend_mode"] == "gaussian" and model["net"]["norm"] == "batch"
+        assert stitched["inference"]["blend"] == "gaussian" and model["net"]["norm"] == "batch"
     else:
         assert data["batch_size"] == 2 and model["net"]["norm"] == "instance"
 
@@ -66,8 +67,8 @@ def test_in_channels_follow_channels_and_context(tmp_path):
     overrides = ["experiment=windowed", "data.channels=[brain,bone]", "data.context_slices=2"]
     cfg = compose_train(overrides, tmp_path / "run")
     assert OmegaConf.to_container(cfg, resolve=True)["model"]["net"]["in_channels"] == 10
-    meta = checkpoint_meta(cfg)
-    assert meta["data"]["context_slices"] == 2 and meta["net"]["in_channels"] == 10
+    spec = InputSpec(channels=tuple(cfg.data.channels), context_slices=cfg.data.context_slices)
+    assert spec.in_channels == 10
 
 
 def test_windowed_plus_trains_tunes_on_val_and_predicts(tmp_path):
@@ -82,13 +83,22 @@ def test_windowed_plus_trains_tunes_on_val_and_predicts(tmp_path):
     assert settings["threshold"] == settings["tuned_on_val"]["threshold"]
     best = next((run / "checkpoints").glob("best-*.ckpt"))
     checkpoint = torch.load(best, weights_only=True, map_location="cpu")
-    assert checkpoint["ichseg"]["data"]["context_slices"] == 1
+    assert checkpoint["ichseg"]["input"]["context_slices"] == 1
     assert checkpoint["ichseg"]["net"]["in_channels"] == 9
+    # the operating point chosen on val is stored with the model, and report.json names the file
+    stored = checkpoint["ichseg"]["inference"]
+    assert stored["threshold"] == settings["tuned_on_val"]["threshold"]
+    assert stored["postprocess"] == settings["tuned_on_val"]["postprocess"]
+    assert stored["blend"] == "gaussian"
+    assert checkpoint["ichseg"]["operating_point"]["source"] == "tuned on val"
+    assert settings["operating_point_file"] == str(best)
     assert not any(key.startswith("loss.") for key in checkpoint["state_dict"])
     predictor = load_predictor(best, device="cpu")
-    assert predictor.preprocessing.in_channels == 9
+    assert predictor.input_spec.in_channels == 9
+    assert predictor.inference_spec.threshold == settings["tuned_on_val"]["threshold"]
     hu = np.zeros((64, 64, 5), dtype=np.int16)
-    assert predictor.probabilities(hu).shape == (64, 64, 5)
+    probabilities, mask = predictor.predict_hu(hu)
+    assert probabilities.shape == mask.shape == (64, 64, 5)
 
 
 def test_full_slice_plus_trains(tmp_path):

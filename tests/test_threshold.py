@@ -376,7 +376,7 @@ def test_experiment_config_is_the_papers(tmp_path):
     )
     assert resolved["callbacks"]["model_checkpoint"]["monitor"] == "val/jaccard"
     assert resolved["callbacks"]["lr_monitor"] is None
-    assert resolved["callbacks"]["stitched_eval"]["postprocess"]["enabled"] is False
+    assert resolved["callbacks"]["stitched_eval"]["inference"]["postprocess"] is False
     assert resolved["data"]["augmentation"] is None and resolved["data"]["mode"] == "full_slice"
 
 

@@ -104,7 +104,12 @@ def test_demo_trains_tests_and_writes_outputs(tmp_path):
     best = next(p for p in (run / "checkpoints").iterdir() if p.name.startswith("best"))
     meta = torch.load(best, weights_only=True, map_location="cpu")["ichseg"]
     assert meta["format"] == "ichseg-checkpoint" and meta["net"]["base_filters"] == 4
-    assert meta["data"]["window"] == 32 and meta["data"]["channels"] == ["brain"]
+    assert meta["version"] == 2 and meta["input"]["tile_size"] == 32
+    assert meta["input"]["channels"] == ["brain"] and meta["input"]["working_mode"] == "resize"
+    assert (
+        meta["inference"]["threshold"] == 0.5 and meta["operating_point"]["source"] == "configured"
+    )
+    assert "experiment=demo" in meta["train_overrides"]
 
 
 def test_fast_dev_run_debug_preset(tmp_path):

@@ -83,6 +83,7 @@ from ichseg.data.patches import (
 from ichseg.data.patches import context_rows as clamped_context_rows
 from ichseg.data.windowing import WINDOWS, to_working_size
 from ichseg.errors import ConfigError, DatasetError
+from ichseg.specs import InputSpec
 
 #: Bump when the cache layout or its content changes.
 CACHE_VERSION = 1
@@ -618,6 +619,7 @@ class EvalScan:
     demographics: Demographics | None
     working_mode: str
     release: str
+    source: Path | None = None  # the CT's NIfTI file (None for the JPG release)
 
     @property
     def original_shape(self) -> tuple[int, int]:
@@ -770,6 +772,21 @@ class CTICHDataModule(pl.LightningDataModule):
     def in_channels(self) -> int:
         """Input channels of the network: ``len(channels) * (2 * context_slices + 1)``."""
         return input_channels(len(self.channels), self.context_slices)
+
+    @property
+    def input_spec(self) -> InputSpec:
+        """How this DataModule prepares slices for the network, resolved (the dataset is opened
+        to resolve ``working_mode="auto"`` by its release); checkpoints store it."""
+        self._open_dataset()
+        return InputSpec(
+            mode=self.mode,
+            tile_size=int(self.hparams["window"]),
+            tile_stride=int(self.hparams["stride"]),
+            working_size=self.working_size,
+            working_mode=self.working_mode or "resize",
+            channels=self.channels,
+            context_slices=self.context_slices,
+        )
 
     def prepare_data(self) -> None:
         """Build the on-disk slice cache once (Lightning calls this on one process per node)."""
@@ -995,6 +1012,7 @@ class CTICHDataModule(pl.LightningDataModule):
                 demographics=scan.demographics,
                 working_mode=self.working_mode or "resize",
                 release=scan.release,
+                source=scan.paths.get("image") if scan.release == "nifti" else None,
             )
             del scan
 

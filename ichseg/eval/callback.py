@@ -62,8 +62,8 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -83,14 +83,7 @@ from ichseg.eval.metrics import (
     slice_dice,
     voxel_volume_ml,
 )
-from ichseg.eval.postprocess import (
-    PAPER,
-    THRESHOLD_ONLY,
-    WORKING_SIZE,
-    PostprocessConfig,
-    grid_scale,
-    postprocess,
-)
+from ichseg.eval.postprocess import PostprocessConfig
 from ichseg.eval.report import (
     FoldResult,
     PatientInfo,
@@ -99,7 +92,9 @@ from ichseg.eval.report import (
     tables_markdown,
     write_report,
 )
-from ichseg.eval.stitch import BLEND_MODES, full_slice, stitch, to_original_grid
+from ichseg.eval.stitch import to_original_grid
+from ichseg.inference.predictor import Predictor
+from ichseg.specs import InferenceSpec
 
 SPLITS: tuple[str, ...] = ("val", "test")
 #: Thresholds tried on the validation split when ``tune_on_val`` is set.
@@ -225,68 +220,15 @@ class OverlayGallery:
                 self.add(other.best + other.worst)
 
 
-def _cast_inputs(
-    model: Callable[[torch.Tensor], torch.Tensor], dtype: torch.dtype
-) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``model`` fed inputs in ``dtype`` (a network held in bf16 / fp16 weights)."""
-    if dtype == torch.float32:
-        return model
-    return lambda images: model(images.to(dtype))
-
-
-@dataclass
-class ScoringOptions:
-    """How slices are predicted and scored (see :class:`StitchedEvaluation`)."""
-
-    thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS
-    postprocess: PostprocessConfig = PAPER
-    reference_size: int = WORKING_SIZE
-    mode: str = "windowed"
-    window: int = 160
-    stride: int = 80
-    blend_mode: str = "constant"
-    sigma_scale: float = 0.125
-    window_batch_size: int = 64
-    slice_batch_size: int = 2
-    amp: bool = False
-    amp_dtype: torch.dtype = torch.bfloat16
-    context_slices: int = 0
-
-
-def scan_probabilities(
-    model: Callable[[torch.Tensor], torch.Tensor],
-    scan: Any,
-    options: ScoringOptions,
-    device: torch.device,
-) -> np.ndarray:
-    """``(N, H, W)`` float32 probabilities of one scan's slices on its ORIGINAL grid.
-
-    Windows stitched (or whole slices, in full-slice mode), with ``options.context_slices``
-    neighbouring slices as extra channels for 2.5D models, then resampled to the scan's grid.
-    """
-    n_slices = scan.n_slices
-    if scan.images.shape[0] != n_slices:
+def scan_probabilities(predictor: Predictor, scan: Any, progress: Any = None) -> np.ndarray:
+    """``(N, H, W)`` float32 probabilities of one scan's slices on its ORIGINAL grid (the
+    predictor's recipe: tiles blended, or whole slices, then back to the scan's grid)."""
+    if scan.images.shape[0] != scan.n_slices:
         raise DatasetError(
             f"patient {scan.patient_id}: {scan.images.shape[0]} working-size slices but "
-            f"{n_slices} mask slices"
+            f"{scan.n_slices} mask slices"
         )
-    # one copy of the patient's uint8 slices (the store may be a read-only memory map)
-    images = torch.from_numpy(np.array(scan.images, dtype=np.uint8, order="C"))
-    images = images.to(device, non_blocking=True).to(torch.float32).div_(255.0)
-    common = {
-        "amp": options.amp, "amp_dtype": options.amp_dtype, "device": device,
-        "context_slices": options.context_slices,
-    }  # fmt: skip
-    if options.mode == "full_slice":
-        maps = full_slice(model, images, batch_size=options.slice_batch_size, **common)
-    else:
-        maps = stitch(
-            model, images, options.window, options.stride,
-            window_batch_size=options.window_batch_size, mode=options.blend_mode,  # type: ignore[arg-type]
-            sigma_scale=options.sigma_scale, **common,
-        )  # fmt: skip
-    del images
-    return to_original_grid(maps, scan.original_shape, scan.working_mode)
+    return predictor.probabilities(scan.images, scan.original_shape, progress)
 
 
 def _patient_facts(scan: Any) -> tuple[np.ndarray, PatientInfo]:
@@ -304,69 +246,73 @@ def _patient_facts(scan: Any) -> tuple[np.ndarray, PatientInfo]:
     return flags, info
 
 
-def _truth_and_scale(scan: Any, options: ScoringOptions) -> tuple[np.ndarray, float]:
-    """The scan's ground truth ``(N, H, W)`` bool on its original grid, and that grid's scale for
-    the morphology and the area minimum (sizes at ``options.reference_size``)."""
-    truth = np.moveaxis(np.asarray(scan.mask, dtype=bool), -1, 0)
-    scale = grid_scale(
-        scan.original_shape, scan.images.shape[-1], scan.working_mode, options.reference_size
-    )
-    return truth, scale
+def _truth(scan: Any) -> np.ndarray:
+    """The scan's ground truth ``(N, H, W)`` bool on its original grid."""
+    return np.moveaxis(np.asarray(scan.mask, dtype=bool), -1, 0)
 
 
 def _count_scan(
-    native: np.ndarray, scan: Any, options: ScoringOptions, config: PostprocessConfig
+    native: np.ndarray,
+    scan: Any,
+    predictor: Predictor,
+    thresholds: Sequence[float],
+    config: PostprocessConfig,
 ) -> SliceCounts:
     """Slice counts of original-grid probabilities at every threshold with ``config``'s
-    morphology (sizes at ``options.reference_size``)."""
-    truth, scale = _truth_and_scale(scan, options)
+    morphology, scaled to the scan's grid as the predictor scales it."""
     voxel_ml = math.nan if scan.spacing is None else voxel_volume_ml(scan.spacing)
+    scale = predictor.scale(scan.original_shape)
     return score_probabilities(
-        native, truth, scan.patient_id, np.arange(1, scan.n_slices + 1), options.thresholds,
+        native, _truth(scan), scan.patient_id, np.arange(1, scan.n_slices + 1), thresholds,
         config, scale, voxel_ml,
     )  # fmt: skip
 
 
-def score_scan_variants(
-    model: Callable[[torch.Tensor], torch.Tensor],
-    scan: Any,
-    options: ScoringOptions,
-    device: torch.device,
-    configs: Sequence[PostprocessConfig],
-) -> list[ShardResult]:
-    """One scan predicted ONCE and counted under each post-processing of ``configs`` (each at
-    every threshold of ``options``): one :class:`ShardResult` per config."""
-    native = scan_probabilities(model, scan, options, device)
-    flags, info = _patient_facts(scan)
-    return [
-        ShardResult(_count_scan(native, scan, options, config), {info.patient: info}, flags)
-        for config in configs
-    ]
+def mask_file(directory: Path, patient: int) -> Path:
+    """Where ``save_masks`` writes a patient's evaluated mask: ``<directory>/<patient>_ich.nii.gz``
+    (three digits, as CT-ICH names its scans, so that it sits beside ``ichseg.predict``'s)."""
+    return Path(directory) / f"{int(patient):03d}_ich.nii.gz"
+
+
+def save_scan_mask(scan: Any, mask: np.ndarray, directory: Path) -> Path:
+    """Write an evaluated ``(N, H, W)`` mask in the scan's space (its NIfTI header; the JPG
+    release: its affine) as uint8 ``(H, W, N)``."""
+    from ichseg.io.nifti import write_like
+
+    target = mask_file(directory, scan.patient_id)
+    data = np.ascontiguousarray(np.moveaxis(mask, 0, -1).astype(np.uint8))
+    write_like(scan.source, data, target, "ichseg evaluated ICH mask", scan.affine)
+    return target
 
 
 def score_scan(
-    model: Callable[[torch.Tensor], torch.Tensor],
+    predictor: Predictor,
     scan: Any,
-    options: ScoringOptions,
-    device: torch.device,
-    threshold: float = 0.5,
+    thresholds: Sequence[float],
     gallery: OverlayGallery | None = None,
+    mask_dir: Path | None = None,
+    progress: Any = None,
 ) -> ShardResult:
-    """Predict every slice of one :class:`~ichseg.data.datamodule.EvalScan` and count it.
+    """Predict every slice of one :class:`~ichseg.data.datamodule.EvalScan` and count it at
+    every threshold with the predictor's post-processing.
 
     Returns the slice counts (slices numbered from 1, as in the label CSV), the patient's facts
-    and per-slice label flags; offers the patient's best / worst ICH slices to ``gallery``.
+    and per-slice label flags; offers the patient's best / worst ICH slices (at the predictor's
+    threshold) to ``gallery``; with ``mask_dir`` writes the mask at that threshold
+    (:func:`save_scan_mask`).
     """
-    native = scan_probabilities(model, scan, options, device)  # (N, H, W) float32 numpy
-    counts = _count_scan(native, scan, options, options.postprocess)
+    spec = predictor.inference_spec
+    native = scan_probabilities(predictor, scan, progress)  # (N, H, W) float32 numpy
+    counts = _count_scan(native, scan, predictor, thresholds, spec.postprocess_config())
     flags, info = _patient_facts(scan)
+    if mask_dir is not None:
+        save_scan_mask(scan, predictor.mask(native), mask_dir)
     if gallery is not None and gallery.n > 0:
-        dice = slice_dice(counts, threshold)
+        dice = slice_dice(counts, spec.threshold)
         rows = gallery.candidates(dice, counts.gt_pixels)
         if rows.size:
-            truth, scale = _truth_and_scale(scan, options)
-            predicted = postprocess(native[rows], options.postprocess.with_threshold(threshold),
-                                    scale)  # fmt: skip
+            truth = _truth(scan)
+            predicted = predictor.mask(native[rows])
             shown = to_original_grid(scan.images[rows, :1].astype(np.float32), scan.original_shape,
                                      scan.working_mode)[:, 0]  # fmt: skip
             gallery.add(
@@ -378,33 +324,38 @@ def score_scan(
 
 
 def score_scans(
-    model: Callable[[torch.Tensor], torch.Tensor],
+    predictor: Predictor,
     scans: Iterable[Any],
-    options: ScoringOptions,
-    device: torch.device | str = "cpu",
-    threshold: float = 0.5,
+    thresholds: Sequence[float],
     gallery: OverlayGallery | None = None,
+    mask_dir: Path | None = None,
+    progress: Any = None,
 ) -> ShardResult:
     """:func:`score_scan` for each scan in turn (one patient in memory at a time), merged."""
-    parts = [
-        score_scan(model, scan, options, torch.device(device), threshold, gallery) for scan in scans
-    ]
-    return merge_shards(parts) if parts else ShardResult.empty(options.thresholds)
+    parts = [score_scan(predictor, scan, thresholds, gallery, mask_dir, progress) for scan in scans]
+    return merge_shards(parts) if parts else ShardResult.empty(thresholds)
 
 
 def score_scans_variants(
-    model: Callable[[torch.Tensor], torch.Tensor],
+    predictor: Predictor,
     scans: Iterable[Any],
-    options: ScoringOptions,
+    thresholds: Sequence[float],
     configs: Sequence[PostprocessConfig],
-    device: torch.device | str = "cpu",
+    progress: Any = None,
 ) -> list[ShardResult]:
-    """:func:`score_scan_variants` for each scan in turn, merged per config."""
-    per_scan = [
-        score_scan_variants(model, scan, options, torch.device(device), configs) for scan in scans
-    ]
+    """Each scan predicted ONCE and counted under each post-processing of ``configs`` (each at
+    every threshold): one merged :class:`ShardResult` per config."""
+    per_scan = []
+    for scan in scans:
+        native = scan_probabilities(predictor, scan, progress)
+        flags, info = _patient_facts(scan)
+        per_scan.append([
+            ShardResult(_count_scan(native, scan, predictor, thresholds, config),
+                        {info.patient: info}, flags)
+            for config in configs
+        ])  # fmt: skip
     if not per_scan:
-        return [ShardResult.empty(options.thresholds) for _ in configs]
+        return [ShardResult.empty(thresholds) for _ in configs]
     return [merge_shards([parts[i] for parts in per_scan]) for i in range(len(configs))]
 
 
@@ -473,6 +424,15 @@ def choose_on_validation(
     return TuningChoice(best["threshold"], best["postprocess"], best["dice"], tuple(grid), patients)
 
 
+def checkpoint_position(trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[int, int]:
+    """``(epoch, global_step)`` of the weights being scored: those recorded in the checkpoint
+    that was loaded for testing (``pl_module.loaded_position``), else the trainer's."""
+    loaded = getattr(pl_module, "loaded_position", None)
+    if getattr(trainer, "ckpt_path", None) and loaded is not None:
+        return int(loaded[0]), int(loaded[1])
+    return int(trainer.current_epoch), int(trainer.global_step)
+
+
 def scalar_metrics(tables: EvaluationTables, prefix: str) -> dict[str, float]:
     """The logged scalars (module docstring) from the tables."""
     volume = tables.volume
@@ -493,35 +453,22 @@ def scalar_metrics(tables: EvaluationTables, prefix: str) -> dict[str, float]:
 # --------------------------------------------------------------------------- the callback
 
 
-def _postprocess_config(
-    value: bool | Mapping[str, Any] | PostprocessConfig | None,
-) -> PostprocessConfig:
-    """``True``/``None`` -> the paper's; ``False`` -> threshold only; a mapping -> its fields
-    (``enabled: false`` switches the morphology off)."""
-    if isinstance(value, PostprocessConfig):
+def inference_spec_of(value: InferenceSpec | Mapping[str, Any] | None) -> InferenceSpec:
+    """An :class:`InferenceSpec` from a spec, a mapping of its fields, or None (the defaults)."""
+    if value is None:
+        return InferenceSpec()
+    if isinstance(value, InferenceSpec):
         return value
-    if value is None or value is True:
-        return PAPER
-    if value is False:
-        return THRESHOLD_ONLY
-    if not isinstance(value, Mapping):
-        raise ConfigError(f"postprocess must be true, false or a mapping, not {value!r}")
-    options = dict(value)
-    enabled = options.pop("enabled", True)
-    options.pop("threshold", None)  # the thresholds are the callback's own
-    known = {"closing_size", "opening_size", "order", "convention"}
-    unknown = sorted(set(options) - known)
-    if unknown:
-        raise ConfigError(
-            f"unknown post-processing option(s) {unknown}; "
-            f"expected enabled, {', '.join(sorted(known))}"
-        )
-    config = PostprocessConfig(**options)
-    if not enabled:
-        config = PostprocessConfig(
-            closing_size=0, opening_size=0, order=config.order, convention=config.convention
-        )
-    return config
+    return InferenceSpec.from_dict(value)
+
+
+def autocast_for_precision(spec: InferenceSpec, precision: str) -> InferenceSpec:
+    """``autocast="auto"`` resolved by the trainer's precision (bf16-mixed: bf16, 16-mixed:
+    fp16, otherwise none); other values as they are."""
+    if spec.autocast != "auto":
+        return spec
+    autocast = {"bf16-mixed": "bf16", "16-mixed": "fp16"}.get(precision, "none")
+    return replace(spec, autocast=autocast)
 
 
 class StitchedEvaluation(pl.Callback):
@@ -531,31 +478,29 @@ class StitchedEvaluation(pl.Callback):
         splits: splits evaluated at test time (``"test"``, ``"val"``).
         every_n_val_epochs: also evaluate the val split at the end of every n-th validation epoch
             of fitting and log ``val/stitched_dice`` etc. (0: only at test).
-        thresholds: probability thresholds scored (Table 6; default 0.5 ... 0.9).
-        threshold: the threshold of Table 5, the subtype / age / volume tables and the overlays
-            (None: the LightningModule's ``threshold``, else 0.5); added to ``thresholds``.
-        min_area: slice-detection minimum area in pixels at ``reference_size`` (the paper: 400 at
-            640), scaled by area to the scored grid; 0 means "any predicted pixel".
-        postprocess: the morphology: ``True`` (the paper's closing 10 then opening 5), ``False``
-            (threshold only), or a mapping ``{enabled, closing_size, opening_size, order,
-            convention}`` (sizes at ``reference_size``).
-        reference_size: the slice size at which morphology sizes and ``min_area`` are given (640).
-        blend_mode: ``"constant"`` (the paper's averaging) or ``"gaussian"`` window weights.
-        sigma_scale: Gaussian width as a fraction of the window.
-        window_batch_size: windows per forward pass when stitching.
-        slice_batch_size: whole slices per forward pass in full-slice mode.
+        thresholds: probability thresholds scored (Table 6; default 0.5 ... 0.9); the inference
+            spec's threshold is added.
+        min_area: slice-detection minimum area in pixels at ``inference.reference_size`` (the
+            paper: 400 at 640), scaled by area to the scored grid; 0 means "any predicted pixel".
+        inference: the :class:`~ichseg.specs.InferenceSpec` (or a mapping of its fields): tile
+            blending, tiles per forward pass, autocast, and the operating point (threshold,
+            closing / opening) of Table 5, the subtype / age / volume tables, the overlays and the
+            saved masks. It is stored in the checkpoints, so that ``ichseg.predict`` applies the
+            model exactly as it was scored here.
         output_dir: where the report files go (None: the trainer's ``default_root_dir``).
         log_tables: log the markdown tables to TensorBoard as text.
         n_overlays: best and worst ICH slices shown as TensorBoard images (0: none).
-        amp: autocast the forward pass on CUDA; ``"auto"`` follows the trainer's precision.
         tune_on_val: at test time, first score the VAL split at every threshold of
             ``tune_thresholds`` with and without the post-processing, pick the pair with the
             highest paper Dice on val (ties: without post-processing, as nnU-Net keeps it only
-            when it helps; then the threshold closest to ``threshold``) and apply it to every
-            split scored; the choice and the grid go into the report (``settings.tuned_on_val``)
-            and the logs (``val/tuned_threshold``, ``val/tuned_postprocess``,
-            ``val/tuned_dice``). The test split never influences the choice.
+            when it helps; then the threshold closest to the spec's) and apply it to every split
+            scored; the choice and the grid go into the report (``settings.tuned_on_val``), the
+            logs (``val/tuned_threshold``, ``val/tuned_postprocess``, ``val/tuned_dice``) and the
+            tested checkpoint's metadata (:func:`ichseg.checkpoint.store_operating_point`), where
+            ``ichseg.predict`` finds it. The test split never influences the choice.
         tune_thresholds: the thresholds tried on val (default 0.3 ... 0.7).
+        save_masks: also write each scored patient's mask (at the operating point, in the scan's
+            space) as ``masks/<patient>_ich.nii.gz`` beside the report (test time only).
     """
 
     def __init__(
@@ -563,20 +508,14 @@ class StitchedEvaluation(pl.Callback):
         splits: Sequence[str] = ("test",),
         every_n_val_epochs: int = 0,
         thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
-        threshold: float | None = 0.5,
         min_area: float = PAPER_MIN_AREA,
-        postprocess: bool | Mapping[str, Any] | PostprocessConfig | None = True,
-        reference_size: int = WORKING_SIZE,
-        blend_mode: str = "constant",
-        sigma_scale: float = 0.125,
-        window_batch_size: int = 64,
-        slice_batch_size: int = 2,
+        inference: InferenceSpec | Mapping[str, Any] | None = None,
         output_dir: str | os.PathLike[str] | None = None,
         log_tables: bool = True,
         n_overlays: int = 4,
-        amp: bool | str = "auto",
         tune_on_val: bool = False,
         tune_thresholds: Sequence[float] = TUNE_THRESHOLDS,
+        save_masks: bool = False,
     ) -> None:
         super().__init__()
         self.splits = tuple(str(s) for s in ([splits] if isinstance(splits, str) else splits))
@@ -590,58 +529,40 @@ class StitchedEvaluation(pl.Callback):
         levels = [float(t) for t in thresholds]
         if not levels or any(not 0.0 <= t <= 1.0 for t in levels):
             raise ConfigError(f"thresholds must be probabilities in [0, 1], got {levels}")
-        if threshold is not None and not 0.0 <= float(threshold) <= 1.0:
-            raise ConfigError(f"the threshold must be a probability in [0, 1], got {threshold}")
         if min_area < 0:
             raise ConfigError(f"min_area must be 0 or more pixels, got {min_area}")
-        if reference_size < 1:
-            raise ConfigError(f"reference_size must be a positive slice size, got {reference_size}")
-        if blend_mode not in BLEND_MODES:
-            raise ConfigError(
-                f"blend_mode must be one of {', '.join(BLEND_MODES)}, not {blend_mode!r}"
-            )
-        if window_batch_size < 1 or slice_batch_size < 1:
-            raise ConfigError(
-                "window_batch_size and slice_batch_size must be at least 1, got "
-                f"{window_batch_size} and {slice_batch_size}"
-            )
-        if amp not in (True, False, "auto"):
-            raise ConfigError(f"amp must be true, false or 'auto', not {amp!r}")
         tune_levels = [float(t) for t in tune_thresholds]
         if not tune_levels or any(not 0.0 <= t <= 1.0 for t in tune_levels):
             raise ConfigError(f"tune_thresholds must be probabilities in [0, 1], got {tune_levels}")
         self.every_n_val_epochs = int(every_n_val_epochs)
         self.thresholds = tuple(sorted(set(levels)))
-        self.threshold = None if threshold is None else float(threshold)
         self.min_area = float(min_area)
-        self.postprocess = _postprocess_config(postprocess)
-        self.reference_size = int(reference_size)
-        self.blend_mode = blend_mode
-        self.sigma_scale = float(sigma_scale)
-        self.window_batch_size = int(window_batch_size)
-        self.slice_batch_size = int(slice_batch_size)
+        self.inference = inference_spec_of(inference)
         self.output_dir = None if output_dir is None else Path(output_dir)
         self.log_tables = bool(log_tables)
         self.n_overlays = int(n_overlays)
-        self.amp = amp
         self.tune_on_val = bool(tune_on_val)
         self.tune_thresholds = tuple(sorted(set(tune_levels)))
+        self.save_masks = bool(save_masks)
         #: The last evaluation of each split: ``{split: (ShardResult, EvaluationTables)}``.
         self.results: dict[str, tuple[ShardResult, EvaluationTables]] = {}
         #: The last choice made on val (``tune_on_val``), or None.
         self.tuning: TuningChoice | None = None
-        self._applied: TuningChoice | None = None
+        #: The checkpoint the last tuned operating point was written into, or None.
+        self.operating_point_file: Path | None = None
+        self._applied: InferenceSpec | None = None
         self._gallery: OverlayGallery | None = None
 
     # ------------------------------------------------------------------ hooks
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Fail early when the trainer has no datamodule with ``eval_scans``."""
+        """Fail early when the trainer has no datamodule with ``eval_scans`` and ``input_spec``."""
         needed = stage == "test" or (stage == "fit" and self.every_n_val_epochs > 0)
-        if needed and not hasattr(trainer.datamodule, "eval_scans"):
+        datamodule = trainer.datamodule
+        if needed and not (hasattr(datamodule, "eval_scans") and hasattr(datamodule, "input_spec")):
             raise ConfigError(
-                "StitchedEvaluation needs a datamodule with eval_scans(split) (CTICHDataModule): "
-                "pass datamodule= to the trainer or remove the callback"
+                "StitchedEvaluation needs a datamodule with eval_scans(split) and input_spec "
+                "(CTICHDataModule): pass datamodule= to the trainer or remove the callback"
             )
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -653,15 +574,18 @@ class StitchedEvaluation(pl.Callback):
             self._run(trainer, pl_module, "val", write=False)
 
     def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.operating_point_file = None
         if self.tune_on_val:
             self.tuning = self.tune(trainer, pl_module)
-            self._applied = self.tuning
             choice = self.tuning
+            self._applied = self.inference.with_operating_point(choice.threshold,
+                                                                choice.postprocess)  # fmt: skip
             for name, value in (("threshold", choice.threshold),
                                 ("postprocess", float(choice.postprocess)),
                                 ("dice", choice.dice)):  # fmt: skip
                 pl_module.log(f"val/tuned_{name}", value, on_step=False, on_epoch=True,
                               sync_dist=False)  # fmt: skip
+            self._store_operating_point(trainer, pl_module, self._applied, choice)
         try:
             for split in self.splits:
                 self._run(trainer, pl_module, split, write=True)
@@ -670,49 +594,39 @@ class StitchedEvaluation(pl.Callback):
 
     # ------------------------------------------------------------------ evaluation
 
-    def main_threshold(self, pl_module: pl.LightningModule) -> float:
-        if self._applied is not None:
-            return self._applied.threshold
-        if self.threshold is not None:
-            return self.threshold
-        return float(getattr(pl_module, "threshold", 0.5))
-
     @property
-    def postprocess_off(self) -> PostprocessConfig:
-        """The configured post-processing without its morphology (threshold only)."""
-        post = self.postprocess
-        return PostprocessConfig(
-            closing_size=0, opening_size=0, order=post.order, convention=post.convention
-        )
+    def operating_spec(self) -> InferenceSpec:
+        """The inference spec in use: the configured one, or the one tuned on val at test time."""
+        return self._applied if self._applied is not None else self.inference
 
-    def active_postprocess(self) -> PostprocessConfig:
-        """The post-processing in use: the configured one, or "off" when tuning on val chose so."""
-        if self._applied is not None and not self._applied.postprocess:
-            return self.postprocess_off
-        return self.postprocess
+    def predictor(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, spec: InferenceSpec
+    ) -> Predictor:
+        """The one :class:`~ichseg.inference.Predictor` of this trainer's model, datamodule (its
+        input spec) and precision (``autocast="auto"``)."""
+        precision = str(getattr(trainer, "precision", "32-true"))
+        spec = autocast_for_precision(spec, precision)
+        return Predictor(pl_module, trainer.datamodule.input_spec, spec, pl_module.device)
 
     def tune(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> TuningChoice:
-        """Score the val split over ``tune_thresholds`` x post-processing on / off and choose
-        (:func:`choose_on_validation`); every rank gets the same choice."""
+        """Score the val split over ``tune_thresholds`` x post-processing on / off (each patient
+        predicted once) and choose (:func:`choose_on_validation`); every rank gets the same
+        choice."""
         datamodule = trainer.datamodule
-        default = self.main_threshold(pl_module)
-        options = self.scoring_options(trainer, datamodule, default)
-        options.thresholds = self.tune_thresholds
-        has_morphology = bool(self.postprocess.steps(1.0))
-        variants = {False: self.postprocess_off}
+        spec = self.inference
+        has_morphology = spec.postprocess and bool(spec.postprocess_config().steps(1.0))
+        variants = {False: replace(spec, postprocess=False).postprocess_config()}
         if has_morphology:
-            variants[True] = self.postprocess
+            variants[True] = spec.postprocess_config()
         members = list(datamodule.cv_round.patients("val"))
         mine = shard_patients(members, trainer.global_rank, trainer.world_size)
-        dtype = next(
-            (p.dtype for p in pl_module.parameters() if p.is_floating_point()), torch.float32
-        )
+        predictor = self.predictor(trainer, pl_module, spec)
         was_training = pl_module.training
         pl_module.eval()
         try:
             local = score_scans_variants(
-                _cast_inputs(pl_module, dtype), datamodule.eval_scans("val", patients=mine),
-                options, list(variants.values()), pl_module.device,
+                predictor, datamodule.eval_scans("val", patients=mine), self.tune_thresholds,
+                list(variants.values()),
             )  # fmt: skip
         finally:
             pl_module.train(was_training)
@@ -722,60 +636,75 @@ class StitchedEvaluation(pl.Callback):
             for i, enabled in enumerate(variants)
         }
         return choose_on_validation(
-            merged, self.tune_thresholds, default, has_morphology, self.min_area
+            merged, self.tune_thresholds, spec.threshold, has_morphology, self.min_area
         )
 
-    def scoring_options(
-        self, trainer: pl.Trainer, datamodule: Any, threshold: float
-    ) -> ScoringOptions:
-        """The :class:`ScoringOptions` of this trainer (precision) and datamodule (mode, grid)."""
-        precision = str(getattr(trainer, "precision", "32-true"))
-        amp = self.amp if self.amp != "auto" else precision in ("bf16-mixed", "16-mixed")
-        grid = getattr(datamodule, "grid", None)
-        levels = {*self.thresholds, threshold}
-        if self._applied is not None:  # the same columns in every fold, whatever each one chose
+    def _store_operating_point(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        spec: InferenceSpec,
+        choice: TuningChoice,
+    ) -> None:
+        """Write the tuned operating point into the tested checkpoint (rank 0) and the module's
+        metadata, so that ``ichseg.predict`` applies it."""
+        record = {
+            "source": "tuned on val",
+            "threshold": spec.threshold,
+            "postprocess": spec.postprocess,
+            "val_dice": None if math.isnan(choice.dice) else choice.dice,
+            "fallback": choice.fallback,
+            "patients": list(choice.patients),
+        }
+        meta = getattr(pl_module, "meta", None)
+        if isinstance(meta, dict) and meta:
+            meta["inference"] = spec.to_dict()
+            meta["operating_point"] = dict(record)
+        path = getattr(trainer, "ckpt_path", None)
+        if not path or not Path(path).is_file():
+            return
+        if trainer.global_rank == 0:
+            from ichseg.checkpoint import store_operating_point
+
+            store_operating_point(path, spec, record)
+        self.operating_point_file = Path(path)
+
+    def scored_thresholds(self, spec: InferenceSpec) -> tuple[float, ...]:
+        """Table 6's thresholds, the operating point's and, after tuning, the tuned grid's (the
+        same columns in every fold, whatever each one chose)."""
+        levels = {*self.thresholds, spec.threshold}
+        if self._applied is not None:
             levels |= set(self.tune_thresholds)
-        return ScoringOptions(
-            thresholds=tuple(sorted(levels)),
-            postprocess=self.active_postprocess(),
-            reference_size=self.reference_size,
-            mode=str(getattr(datamodule, "mode", "windowed")),
-            window=int(grid.window) if grid is not None else 160,
-            stride=int(grid.stride) if grid is not None else 80,
-            blend_mode=self.blend_mode,
-            sigma_scale=self.sigma_scale,
-            window_batch_size=self.window_batch_size,
-            slice_batch_size=self.slice_batch_size,
-            amp=bool(amp),
-            amp_dtype=torch.float16 if precision.startswith("16") else torch.bfloat16,
-            context_slices=int(getattr(datamodule, "context_slices", 0) or 0),
-        )
+        return tuple(sorted(levels))
 
-    def settings(
-        self, options: ScoringOptions, threshold: float, working_size: int | None
-    ) -> dict[str, Any]:
+    def settings(self, predictor: Predictor, thresholds: Sequence[float]) -> dict[str, Any]:
         """What the report states about how it was computed."""
-        post = options.postprocess
+        spec, data = predictor.inference_spec, predictor.input_spec
+        post = spec.postprocess_config()
         settings = {
-            "threshold": threshold,
-            "thresholds": list(options.thresholds),
+            "threshold": spec.threshold,
+            "thresholds": list(thresholds),
             "min_area": self.min_area,
-            "reference_size": self.reference_size,
+            "reference_size": spec.reference_size,
             "postprocess": {
                 "closing_size": post.closing_size,
                 "opening_size": post.opening_size,
                 "order": post.order,
                 "convention": post.convention,
             },  # fmt: skip
-            "mode": options.mode,
-            "window": options.window,
-            "stride": options.stride,
-            "working_size": working_size,
-            "blend_mode": options.blend_mode,
-            "context_slices": options.context_slices,
+            "mode": data.mode,
+            "window": data.tile_size,
+            "stride": data.tile_stride,
+            "working_size": data.working_size,
+            "blend_mode": spec.blend,
+            "context_slices": data.context_slices,
+            "input": data.to_dict(),
+            "inference": spec.to_dict(),
         }
-        if self._applied is not None:
-            settings["tuned_on_val"] = self._applied.to_dict()
+        if self._applied is not None and self.tuning is not None:
+            settings["tuned_on_val"] = self.tuning.to_dict()
+        if self.operating_point_file is not None:
+            settings["operating_point_file"] = str(self.operating_point_file)
         return settings
 
     def evaluate(
@@ -783,8 +712,9 @@ class StitchedEvaluation(pl.Callback):
         trainer: pl.Trainer,
         pl_module: pl.LightningModule,
         split: str,
-        options: ScoringOptions,
-        threshold: float,
+        predictor: Predictor,
+        thresholds: Sequence[float],
+        mask_dir: Path | None = None,
     ) -> ShardResult:
         """Score this rank's share of ``split`` and merge all ranks' results (on every rank)."""
         datamodule = trainer.datamodule
@@ -792,16 +722,12 @@ class StitchedEvaluation(pl.Callback):
         mine = shard_patients(members, trainer.global_rank, trainer.world_size)
         use_gallery = self.n_overlays > 0 and self._has_tensorboard(trainer)
         gallery = OverlayGallery(self.n_overlays if use_gallery else 0)
-        dtype = next(
-            (p.dtype for p in pl_module.parameters() if p.is_floating_point()), torch.float32
-        )
-        model = _cast_inputs(pl_module, dtype)
         was_training = pl_module.training
         pl_module.eval()
         try:
             local = score_scans(
-                model, datamodule.eval_scans(split, patients=mine), options, pl_module.device,
-                threshold, gallery,
+                predictor, datamodule.eval_scans(split, patients=mine), thresholds, gallery,
+                mask_dir,
             )  # fmt: skip
         finally:
             pl_module.train(was_training)
@@ -815,9 +741,14 @@ class StitchedEvaluation(pl.Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, split: str, write: bool
     ) -> None:
         datamodule = trainer.datamodule
-        threshold = self.main_threshold(pl_module)
-        options = self.scoring_options(trainer, datamodule, threshold)
-        merged = self.evaluate(trainer, pl_module, split, options, threshold)
+        spec = self.operating_spec
+        predictor = self.predictor(trainer, pl_module, spec)
+        thresholds = self.scored_thresholds(spec)
+        root = Path(self.output_dir or trainer.default_root_dir)
+        directory = root if split == "test" else root / split
+        mask_dir = directory / "masks" if write and self.save_masks else None
+        merged = self.evaluate(trainer, pl_module, split, predictor, thresholds, mask_dir)
+        threshold = spec.threshold
         tables = compute_tables(merged.counts, merged.patients, threshold, self.min_area)
         self.results[split] = (merged, tables)
         for name, value in scalar_metrics(tables, split).items():
@@ -825,9 +756,10 @@ class StitchedEvaluation(pl.Callback):
                           prog_bar=name == f"{split}/stitched_dice")  # fmt: skip
         if trainer.global_rank != 0:
             return
-        settings = self.settings(options, threshold, getattr(datamodule, "working_size", None))
+        settings = self.settings(predictor, thresholds)
         fold = getattr(datamodule, "fold", None)
-        title = f"Stitched evaluation: fold {fold}, {split} split, epoch {trainer.current_epoch}"
+        epoch, step = checkpoint_position(trainer, pl_module)
+        title = f"Stitched evaluation: fold {fold}, {split} split, epoch {epoch}"
         if write:
             result = FoldResult(
                 counts=merged.counts,
@@ -837,14 +769,12 @@ class StitchedEvaluation(pl.Callback):
                 fold=fold,
                 k=getattr(datamodule, "k", None),
                 extra={
-                    "epoch": trainer.current_epoch,
-                    "global_step": trainer.global_step,
+                    "epoch": epoch,
+                    "global_step": step,
                     "checkpoint": json_safe(getattr(trainer, "ckpt_path", None)),
                     "release": getattr(getattr(datamodule, "dataset", None), "release", None),
                 },
             )
-            root = Path(self.output_dir or trainer.default_root_dir)
-            directory = root if split == "test" else root / split
             write_report(directory, result, merged.slice_flags, tables, title)
         self._log_tensorboard(trainer, split, tables, merged, settings, title)
 

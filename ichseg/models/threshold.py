@@ -949,3 +949,8 @@ class ThresholdModule(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.meta = {k: v for k, v in checkpoint.get("ichseg", {}).items() if k != "threshold_band"}
+        #: (epoch, global_step) at which the loaded band was saved (named in reports).
+        self.loaded_position = (
+            int(checkpoint.get("epoch", 0)),
+            int(checkpoint.get("global_step", 0)),
+        )

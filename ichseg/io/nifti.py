@@ -1,0 +1,146 @@
+"""The NIfTI files of ichseg: CT scans in Hounsfield units, masks written like a reference scan,
+and the voxel volume in mL from the header (docs/predict.md).
+
+Every function names the file in its :class:`~ichseg.errors.DatasetError`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ichseg.errors import DatasetError
+from ichseg.utils.atomic import atomic_path
+
+NIFTI_SUFFIXES: tuple[str, ...] = (".nii.gz", ".nii")
+#: Spatial units of a NIfTI header (``xyzt_units``) in millimetres; unknown units count as mm.
+UNIT_MM: dict[str, float] = {"meter": 1000.0, "mm": 1.0, "micron": 1e-3}
+
+
+def as_hu(volume: np.ndarray, name: str = "the volume") -> np.ndarray:
+    """An ``(H, W, N)`` HU volume as int16: floats rounded, values clipped to the int16 range.
+
+    Raises :class:`~ichseg.errors.DatasetError` for a volume that is not 3D, has no slices, holds
+    NaN or infinite values, or is not numeric.
+    """
+    volume = np.asarray(volume)
+    if volume.ndim != 3:
+        raise DatasetError(
+            f"{name}: expected a 3D volume with slices on the third axis, got shape {volume.shape}"
+        )
+    if min(volume.shape) == 0:
+        raise DatasetError(f"{name}: the volume is empty (shape {volume.shape})")
+    if volume.dtype == np.int16:
+        return volume
+    if volume.dtype.kind == "f":
+        if not np.isfinite(volume).all():
+            raise DatasetError(f"{name}: the scan contains NaN or infinite values")
+        volume = np.rint(volume)
+    elif volume.dtype.kind not in "iu":
+        raise DatasetError(f"{name}: unsupported voxel type {volume.dtype} for a CT scan")
+    return np.clip(volume, -32768, 32767).astype(np.int16)
+
+
+def read_ct(
+    path: str | os.PathLike[str], header_only: bool = False
+) -> tuple[np.ndarray | None, Any]:
+    """An ``(H, W, N)`` int16 HU volume (None with ``header_only``) and its nibabel image.
+
+    Raises :class:`~ichseg.errors.DatasetError` naming the file for a missing or unreadable file,
+    a volume that is not 3D, or NaN / infinite values.
+    """
+    import nibabel as nib
+
+    path = Path(path)
+    try:
+        image = nib.load(path, mmap=False)
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: file not found", path) from None
+    except Exception as err:  # nibabel raises many types for a bad header
+        raise DatasetError(f"{path}: unreadable NIfTI ({_first_line(err)})", path) from None
+    if not isinstance(image, nib.Nifti1Image):  # Nifti2Image is a subclass
+        raise DatasetError(f"{path}: not a NIfTI image ({type(image).__name__})", path)
+    if len(image.shape) != 3:
+        raise DatasetError(
+            f"{path}: expected a 3D volume with slices on the third axis, "
+            f"got shape {tuple(image.shape)}",
+            path,
+        )
+    if header_only:
+        return None, image
+    try:
+        data = np.asanyarray(image.dataobj)
+    except Exception as err:  # truncated or corrupt data block
+        raise DatasetError(
+            f"{path}: unreadable NIfTI data, the file may be truncated ({_first_line(err)})", path
+        ) from None
+    return as_hu(data, str(path)), image
+
+
+def save_like(reference: Any, data: np.ndarray, target: Path, description: str) -> None:
+    """Write ``data`` atomically as a NIfTI with ``reference``'s affine and header.
+
+    The header keeps the orientation (qform / sform and their codes), zooms and units; its data
+    type is set to ``data``'s, the intensity scaling is reset, ``cal_min`` / ``cal_max`` are 0 / 1.
+    """
+    header = reference.header.copy()
+    header.set_data_dtype(data.dtype)
+    header.set_slope_inter(1.0, 0.0)
+    header["cal_min"], header["cal_max"] = 0.0, 1.0
+    header["descrip"] = description.encode("ascii")[:79]
+    # the affine is the header's own best affine, so nibabel leaves qform / sform as they are
+    image = type(reference)(data, reference.affine, header)
+    with atomic_path(target) as tmp:
+        image.to_filename(str(tmp))
+
+
+def voxel_volume_ml(header: Any) -> float:
+    """Voxel volume in mL from a NIfTI header's zooms and spatial units (NaN if unusable)."""
+    zooms = np.asarray(header.get_zooms()[:3], dtype=np.float64)
+    unit = header.get_xyzt_units()[0]
+    zooms = zooms * UNIT_MM.get(unit, 1.0)
+    if zooms.size != 3 or not np.all(np.isfinite(zooms)) or np.any(zooms <= 0):
+        return math.nan
+    return float(np.prod(zooms)) / 1000.0
+
+
+def nifti_stem(path: Path) -> str | None:
+    """The name without ``.nii`` / ``.nii.gz`` (case-insensitive), or None for another file."""
+    lower = path.name.lower()
+    for suffix in NIFTI_SUFFIXES:
+        if lower.endswith(suffix) and len(lower) > len(suffix):
+            return path.name[: -len(suffix)]
+    return None
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
+
+
+def write_like(
+    reference: str | os.PathLike[str] | None,
+    data: np.ndarray,
+    target: Path,
+    description: str,
+    affine: np.ndarray | None = None,
+) -> None:
+    """Write ``data`` (H, W, N) atomically with the header of the NIfTI file ``reference``, or,
+    without one (the JPG release), as a plain NIfTI with ``affine`` (default identity)."""
+    import nibabel as nib
+
+    if reference is not None:
+        try:
+            image = nib.load(Path(reference), mmap=False)
+        except Exception as err:  # nibabel raises many types for a bad header
+            raise DatasetError(f"{reference}: unreadable NIfTI ({_first_line(err)})") from None
+        save_like(image, data, target, description)
+        return
+    image = nib.Nifti1Image(data, np.eye(4) if affine is None else affine)
+    image.header["descrip"] = description.encode("ascii")[:79]
+    with atomic_path(target) as tmp:
+        image.to_filename(str(tmp))
