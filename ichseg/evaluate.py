@@ -34,6 +34,12 @@ PROG = "python -m ichseg.evaluate"
 def evaluate_overrides(ckpt: str | Path, overrides: Sequence[str] = ()) -> list[str]:
     """The training overrides stored in ``ckpt``, its split, then ``overrides``, then
     ``train=false ckpt_path=<ckpt>`` (later overrides win)."""
+    for override in overrides:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if key in ("train", "ckpt_path"):
+            raise ConfigError(
+                f"option {key} is set by {PROG} (the checkpoint is tested, not trained)"
+            )
     path = Path(ckpt)
     meta, _ = read_checkpoint(path)
     if meta.get("version") == 1:

@@ -15,14 +15,14 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
+from ichseg.checkpoint import ALLOWED_NETS, CheckpointError, read_checkpoint
 from ichseg.data.phantom import generate_phantom
 from ichseg.errors import ConfigError, DatasetError
 from ichseg.eval.stitch import stitch
-from ichseg.models import UNet
-from ichseg.module import ICHSegmentationModule
-from ichseg.checkpoint import ALLOWED_NETS, CheckpointError, read_checkpoint
 from ichseg.inference import Predictor
 from ichseg.io.nifti import as_hu, voxel_volume_ml
+from ichseg.models import UNet
+from ichseg.module import ICHSegmentationModule
 from ichseg.predict import compose_predict_config, find_inputs, load_predictor, predict_files
 
 ROOT = Path(__file__).resolve().parents[1]
