@@ -4,7 +4,7 @@ A random-weights checkpoint of the paper's network (``UNet()``: base 64, depth 4
 written the way ``ichseg.train`` writes one (``state_dict`` with ``net.`` keys and the ``ichseg``
 metadata: 160x160 windows, stride 80, working size 640, brain window) and loaded with
 :func:`ichseg.predict.load_predictor`. A phantom head of 40 slices of 512x512 HU is predicted with
-:func:`ichseg.predict.predict_volume`: windowing, resizing 512 -> 640, 49 windows per slice through
+:meth:`ichseg.inference.Predictor.predict_hu`: windowing, resizing 512 -> 640, 49 windows per slice through
 the network, stitching, resizing back, threshold, closing and opening (file I/O not included).
 
 * CPU: the full U-Net runs a few windows per second on a laptop-class CPU, so only
@@ -31,8 +31,9 @@ import numpy as np
 import torch
 
 from ichseg.data.phantom import make_head_volume
+from ichseg.inference import Predictor
 from ichseg.models import UNet
-from ichseg.predict import Predictor, load_predictor, predict_volume
+from ichseg.predict import load_predictor
 
 META = {
     "format": "ichseg-checkpoint",
@@ -72,12 +73,12 @@ def synchronize(device: torch.device) -> None:
 
 
 def seconds_per_run(predictor: Predictor, hu: np.ndarray, repeats: int) -> float:
-    """Best wall time of ``predict_volume`` over ``repeats`` runs."""
+    """Best wall time of ``Predictor.predict_hu`` over ``repeats`` runs."""
     best = float("inf")
     for _ in range(repeats):
         synchronize(predictor.device)
         start = time.perf_counter()
-        predict_volume(predictor, hu)
+        predictor.predict_hu(hu)
         synchronize(predictor.device)
         best = min(best, time.perf_counter() - start)
     return best
@@ -93,13 +94,7 @@ class Passthrough(torch.nn.Module):
 def without_network(predictor: Predictor) -> Predictor:
     """The same predictor with :class:`Passthrough` in place of the U-Net (pipeline overhead)."""
     return Predictor(
-        Passthrough(),
-        predictor.preprocessing,
-        predictor.threshold,
-        predictor.device,
-        predictor.amp,
-        predictor.amp_dtype,
-        predictor.window_batch_size,
+        Passthrough(), predictor.input_spec, predictor.inference_spec, predictor.device
     )
 
 
@@ -129,7 +124,7 @@ def main() -> None:
         results: dict[str, float] = {}
 
         if args.device in ("auto", "cpu"):
-            predictor = load_predictor(ckpt, device="cpu", window_batch_size=args.batch)
+            predictor = load_predictor(ckpt, device="cpu", tile_batch_size=args.batch)
             count = max(1, min(args.cpu_slices, args.slices))
             part = np.ascontiguousarray(hu[:, :, :count])
             warm = torch.rand(2, 1, 160, 160)
@@ -152,9 +147,10 @@ def main() -> None:
                 name = torch.cuda.get_device_name()
                 for amp in (True, False):
                     predictor = load_predictor(
-                        ckpt, device="cuda", amp=amp, window_batch_size=args.batch
-                    )
-                    predict_volume(predictor, hu)  # warm-up: kernels, allocator
+                        ckpt, device="cuda", autocast="bf16" if amp else "none",
+                        tile_batch_size=args.batch,
+                    )  # fmt: skip
+                    predictor.predict_hu(hu)  # warm-up: kernels, allocator
                     seconds = seconds_per_run(predictor, hu, args.repeats)
                     label = f"cuda {'bf16' if amp else 'fp32'}"
                     results[label] = seconds
