@@ -3,9 +3,10 @@
 A random-weights checkpoint of the paper's network (``UNet()``: base 64, depth 4, 31 M weights) is
 written the way ``ichseg.train`` writes one (``state_dict`` with ``net.`` keys and the ``ichseg``
 metadata: 160x160 windows, stride 80, working size 640, brain window) and loaded with
-:func:`ichseg.predict.load_predictor`. A phantom head of 40 slices of 512x512 HU is predicted with
-:meth:`ichseg.inference.Predictor.predict_hu`: windowing, resizing 512 -> 640, 49 windows per slice through
-the network, stitching, resizing back, threshold, closing and opening (file I/O not included).
+:func:`ichseg.predict.load_predictor`. A phantom head of 40 slices of 512x512 HU is predicted
+with :meth:`ichseg.inference.Predictor.predict_hu`: windowing, resizing 512 -> 640, 49 windows per
+slice through the network, stitching, resizing back, threshold, closing and opening (file I/O not
+included).
 
 * CPU: the full U-Net runs a few windows per second on a laptop-class CPU, so only
   ``--cpu-slices`` slices are timed and the time is scaled to the whole scan (printed as such).

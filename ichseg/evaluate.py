@@ -18,7 +18,6 @@ is chosen again by the same rule.
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,7 +25,7 @@ from typing import Any
 
 from ichseg.checkpoint import CheckpointError, read_checkpoint
 from ichseg.errors import ConfigError
-from ichseg.utils.cli import run_cli
+from ichseg.utils.cli import run_command
 
 PROG = "python -m ichseg.evaluate"
 
@@ -105,23 +104,17 @@ def usage() -> str:
     )
 
 
+def _execute(arguments: list[str]) -> None:
+    named = dict(a.split("=", 1) for a in arguments if a.startswith(("ckpt=", "output=")))
+    rest = [a for a in arguments if not a.startswith(("ckpt=", "output="))]
+    if not named.get("ckpt"):
+        raise ConfigError(f"missing ckpt=...; usage: {PROG} ckpt=PATH [override ...]")
+    evaluate(named["ckpt"], rest, named.get("output") or None)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Console-script entry point (``ichseg-evaluate``)."""
-    arguments = list(sys.argv[1:] if argv is None else argv)
-    if any(a in ("-h", "--help", "help") for a in arguments):
-        print(usage())
-        return 0
-
-    def execute() -> int:
-        named = {a.split("=", 1)[0]: a.split("=", 1)[1] for a in arguments if a.startswith(
-            ("ckpt=", "output="))}  # fmt: skip
-        rest = [a for a in arguments if not a.startswith(("ckpt=", "output="))]
-        if not named.get("ckpt"):
-            raise ConfigError(f"missing ckpt=...; usage: {PROG} ckpt=PATH [override ...]")
-        evaluate(named["ckpt"], rest, named.get("output") or None)
-        return 0
-
-    return run_cli(execute, PROG)
+    return run_command(None if argv is None else list(argv), usage, _execute, PROG)
 
 
 if __name__ == "__main__":

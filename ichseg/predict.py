@@ -68,7 +68,7 @@ from ichseg.io.nifti import (
 )
 from ichseg.specs import InferenceSpec
 from ichseg.utils.atomic import atomic_write_text
-from ichseg.utils.cli import run_cli
+from ichseg.utils.cli import run_command
 
 __all__ = [
     "ALLOWED_NETS", "CHECKPOINT_FORMAT", "NIFTI_SUFFIXES", "SUPPORTED_VERSIONS", "UNIT_MM",
@@ -587,16 +587,12 @@ def run(cfg: Any) -> list[ScanResult]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Console-script entry point (``ichseg-predict``)."""
-    arguments = list(sys.argv[1:] if argv is None else argv)
-    if any(a in ("-h", "--help", "help") for a in arguments):
-        print(usage())
-        return 0
-
-    def execute() -> int:
-        run(compose_predict_config(arguments))
-        return 0
-
-    return run_cli(execute, _prog())
+    return run_command(
+        None if argv is None else list(argv),
+        usage,
+        lambda arguments: run(compose_predict_config(arguments)),
+        _prog(),
+    )
 
 
 def _prog() -> str:

@@ -23,3 +23,19 @@ def run_cli(func: Callable[[], T], prog: str) -> T:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         raise SystemExit(130) from None
+
+
+def run_command(
+    argv: list[str] | None,
+    usage: Callable[[], str],
+    execute: Callable[[list[str]], object],
+    prog: str,
+) -> int:
+    """A ``key=value`` command line: ``-h`` / ``--help`` / ``help`` prints ``usage()``; otherwise
+    ``execute(arguments)`` under :func:`run_cli` (one line and exit 2 on an ichseg error)."""
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help", "help") for a in arguments):
+        print(usage())
+        return 0
+    run_cli(lambda: execute(arguments), prog)
+    return 0
