@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ichseg.errors import ConfigError
+from ichseg.errors import ConfigError, first_line
 from ichseg.models.threshold import IntensityBand
 from ichseg.models.unet import UNet
 from ichseg.specs import InferenceSpec, InputSpec
@@ -208,17 +208,17 @@ def read_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[
                 "that a safe (weights-only) load refuses to create"
             ) from None
         detail = re.search(r"WeightsUnpickler error:\s*(.+)", text)
-        reason = detail.group(1).strip() if detail else _first_line(err)
+        reason = detail.group(1).strip() if detail else first_line(err)
         raise CheckpointError(f"{path}: not a PyTorch checkpoint file ({reason})") from None
     except OSError as err:
         raise CheckpointError(
-            f"{path}: cannot be read ({err.strerror or _first_line(err)})"
+            f"{path}: cannot be read ({err.strerror or first_line(err)})"
         ) from None
     except (
         Exception
     ) as err:  # torch raises RuntimeError, EOFError, ValueError... for non-checkpoints
         raise CheckpointError(
-            f"{path}: not a PyTorch checkpoint file ({_first_line(err)})"
+            f"{path}: not a PyTorch checkpoint file ({first_line(err)})"
         ) from None
     if not isinstance(checkpoint, Mapping):
         raise CheckpointError(
@@ -278,7 +278,7 @@ def build_net(net_config: Any, source: str = "the checkpoint") -> nn.Module:
     try:
         return net_class(**kwargs)
     except (TypeError, ValueError, ConfigError) as err:
-        raise CheckpointError(f"{source}: cannot build {target} ({_first_line(err)})") from None
+        raise CheckpointError(f"{source}: cannot build {target} ({first_line(err)})") from None
 
 
 def network_weights(
@@ -327,8 +327,3 @@ def _is_plain(value: Any) -> bool:
     if isinstance(value, (list, tuple)):
         return all(_is_plain(item) for item in value)
     return False
-
-
-def _first_line(err: BaseException) -> str:
-    lines = str(err).strip().splitlines()
-    return lines[0] if lines else type(err).__name__

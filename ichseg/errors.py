@@ -46,3 +46,10 @@ class ReportError(IchsegError):
     def __init__(self, message: str, path: str | PathLike[str] | None = None) -> None:
         super().__init__(message)
         self.path = None if path is None else str(path)
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none): how a
+    third-party error is quoted inside ichseg's one-sentence messages."""
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__

@@ -25,7 +25,7 @@ from typing import Any
 
 from ichseg.checkpoint import CheckpointError, read_checkpoint
 from ichseg.errors import ConfigError
-from ichseg.utils.cli import run_command
+from ichseg.utils.cli import hydra_error_line, run_command
 
 PROG = "python -m ichseg.evaluate"
 
@@ -65,7 +65,6 @@ def evaluate_config(
     ``output_dir`` (default ``<paths.log_dir>/evaluate/runs/<time>``)."""
     from omegaconf import open_dict
 
-    from ichseg.predict import hydra_error_line
     from ichseg.train import compose_config
 
     arguments = evaluate_overrides(ckpt, overrides)

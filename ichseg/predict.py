@@ -68,7 +68,7 @@ from ichseg.io.nifti import (
 )
 from ichseg.specs import InferenceSpec
 from ichseg.utils.atomic import atomic_write_text
-from ichseg.utils.cli import run_command
+from ichseg.utils.cli import hydra_error_line, run_command
 
 __all__ = [
     "ALLOWED_NETS", "CHECKPOINT_FORMAT", "NIFTI_SUFFIXES", "SUPPORTED_VERSIONS", "UNIT_MM",
@@ -537,20 +537,6 @@ def compose_predict_config(arguments: Sequence[str]) -> Any:
         if not str(cfg[name]).strip():
             raise ConfigError(f"option {name} needs a path")
     return cfg
-
-
-def hydra_error_line(err: BaseException) -> str:
-    """One line from a Hydra / OmegaConf error: its first line and the first of its cause."""
-    parts = []
-    for error in (err, err.__cause__):
-        if error is None:
-            continue
-        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-        text = next((line for line in lines if not line.startswith(("full_key", "object_type",
-                     "reference_type"))), type(error).__name__)  # fmt: skip
-        if text not in parts:
-            parts.append(text)
-    return "; ".join(parts)
 
 
 def run(cfg: Any) -> list[ScanResult]:

@@ -29,7 +29,8 @@ from typing import Literal
 import numpy as np
 
 from ichseg.data.windowing import apply_window
-from ichseg.errors import ConfigError, DatasetError, DatasetProblems
+from ichseg.errors import ConfigError, DatasetError, DatasetProblems, first_line
+from ichseg.io.nifti import as_hu
 
 Release = Literal["nifti", "jpg"]
 
@@ -682,14 +683,14 @@ def _read_nifti(
     except FileNotFoundError:
         raise DatasetError(f"{path}: file not found", path) from None
     except Exception as err:  # nibabel raises many types for a bad header
-        raise DatasetError(f"{path}: unreadable NIfTI ({_reason(err)})", path) from None
+        raise DatasetError(f"{path}: unreadable NIfTI ({first_line(err)})", path) from None
     if len(img.shape) != 3:
         raise DatasetError(f"{path}: expected a 3D volume, got shape {tuple(img.shape)}", path)
     try:
         data = np.asanyarray(img.dataobj)
     except Exception as err:  # truncated or corrupt data block
         raise DatasetError(
-            f"{path}: unreadable NIfTI data, the file may be truncated ({_reason(err)})", path
+            f"{path}: unreadable NIfTI data, the file may be truncated ({first_line(err)})", path
         ) from None
     spacing = tuple(float(z) for z in img.header.get_zooms()[:3])
     affine = np.asarray(img.affine, dtype=np.float64)
@@ -697,20 +698,7 @@ def _read_nifti(
         if data.dtype.kind == "f" and np.isnan(data).any():
             raise DatasetError(f"{path}: mask contains NaN values", path)
         return data > 0, affine, spacing  # type: ignore[return-value]
-    if data.dtype == np.int16:
-        return data, affine, spacing  # type: ignore[return-value]
-    if data.dtype.kind == "f":
-        if not np.isfinite(data).all():
-            raise DatasetError(f"{path}: scan contains NaN or infinite values", path)
-        data = np.rint(data, out=data)
-    elif data.dtype.kind not in "iub":
-        raise DatasetError(f"{path}: unsupported voxel type {data.dtype}", path)
-    return np.clip(data, -32768, 32767).astype(np.int16), affine, spacing  # type: ignore[return-value]
-
-
-def _reason(err: Exception) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
+    return as_hu(data, str(path), path), affine, spacing  # type: ignore[return-value]
 
 
 def _load_jpg(files: _PatientFiles, labels: SliceLabels) -> Scan:
@@ -760,7 +748,7 @@ def _read_jpg(path: Path, expected: tuple[int, int] | None = None) -> np.ndarray
     except FileNotFoundError:
         raise DatasetError(f"{path}: file not found", path) from None
     except (UnidentifiedImageError, OSError, SyntaxError) as err:
-        raise DatasetError(f"{path}: unreadable JPG ({_reason(err)})", path) from None
+        raise DatasetError(f"{path}: unreadable JPG ({first_line(err)})", path) from None
     if expected is not None and array.shape != expected:
         raise DatasetError(
             f"{path}: image is {array.shape[1]}x{array.shape[0]} pixels, "

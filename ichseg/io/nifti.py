@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from ichseg.errors import DatasetError
+from ichseg.errors import DatasetError, first_line
 from ichseg.utils.atomic import atomic_path
 
 NIFTI_SUFFIXES: tuple[str, ...] = (".nii.gz", ".nii")
@@ -21,27 +21,33 @@ NIFTI_SUFFIXES: tuple[str, ...] = (".nii.gz", ".nii")
 UNIT_MM: dict[str, float] = {"meter": 1000.0, "mm": 1.0, "micron": 1e-3}
 
 
-def as_hu(volume: np.ndarray, name: str = "the volume") -> np.ndarray:
+def as_hu(
+    volume: np.ndarray, name: str = "the volume", path: str | os.PathLike[str] | None = None
+) -> np.ndarray:
     """An ``(H, W, N)`` HU volume as int16: floats rounded, values clipped to the int16 range.
 
-    Raises :class:`~ichseg.errors.DatasetError` for a volume that is not 3D, has no slices, holds
-    NaN or infinite values, or is not numeric.
+    Raises :class:`~ichseg.errors.DatasetError` (about ``path``, when given) for a volume that is
+    not 3D, has no slices, holds NaN or infinite values, or is not numeric. The one HU decoding of
+    ichseg: the dataset reader and prediction both use it.
     """
     volume = np.asarray(volume)
     if volume.ndim != 3:
         raise DatasetError(
-            f"{name}: expected a 3D volume with slices on the third axis, got shape {volume.shape}"
+            f"{name}: expected a 3D volume with slices on the third axis, got shape {volume.shape}",
+            path,
         )
     if min(volume.shape) == 0:
-        raise DatasetError(f"{name}: the volume is empty (shape {volume.shape})")
+        raise DatasetError(f"{name}: the volume is empty (shape {volume.shape})", path)
     if volume.dtype == np.int16:
         return volume
     if volume.dtype.kind == "f":
         if not np.isfinite(volume).all():
-            raise DatasetError(f"{name}: the scan contains NaN or infinite values")
+            raise DatasetError(f"{name}: scan contains NaN or infinite values", path)
         volume = np.rint(volume)
+    elif volume.dtype.kind == "b":
+        return volume.astype(np.int16)
     elif volume.dtype.kind not in "iu":
-        raise DatasetError(f"{name}: unsupported voxel type {volume.dtype} for a CT scan")
+        raise DatasetError(f"{name}: unsupported voxel type {volume.dtype} for a CT scan", path)
     return np.clip(volume, -32768, 32767).astype(np.int16)
 
 
@@ -61,7 +67,7 @@ def read_ct(
     except FileNotFoundError:
         raise DatasetError(f"{path}: file not found", path) from None
     except Exception as err:  # nibabel raises many types for a bad header
-        raise DatasetError(f"{path}: unreadable NIfTI ({_first_line(err)})", path) from None
+        raise DatasetError(f"{path}: unreadable NIfTI ({first_line(err)})", path) from None
     if not isinstance(image, nib.Nifti1Image):  # Nifti2Image is a subclass
         raise DatasetError(f"{path}: not a NIfTI image ({type(image).__name__})", path)
     if len(image.shape) != 3:
@@ -76,9 +82,9 @@ def read_ct(
         data = np.asanyarray(image.dataobj)
     except Exception as err:  # truncated or corrupt data block
         raise DatasetError(
-            f"{path}: unreadable NIfTI data, the file may be truncated ({_first_line(err)})", path
+            f"{path}: unreadable NIfTI data, the file may be truncated ({first_line(err)})", path
         ) from None
-    return as_hu(data, str(path)), image
+    return as_hu(data, str(path), path), image
 
 
 def save_like(reference: Any, data: np.ndarray, target: Path, description: str) -> None:
@@ -117,11 +123,6 @@ def nifti_stem(path: Path) -> str | None:
     return None
 
 
-def _first_line(err: BaseException) -> str:
-    lines = str(err).strip().splitlines()
-    return lines[0] if lines else type(err).__name__
-
-
 def write_like(
     reference: str | os.PathLike[str] | None,
     data: np.ndarray,
@@ -137,7 +138,7 @@ def write_like(
         try:
             image = nib.load(Path(reference), mmap=False)
         except Exception as err:  # nibabel raises many types for a bad header
-            raise DatasetError(f"{reference}: unreadable NIfTI ({_first_line(err)})") from None
+            raise DatasetError(f"{reference}: unreadable NIfTI ({first_line(err)})") from None
         save_like(image, data, target, description)
         return
     image = nib.Nifti1Image(data, np.eye(4) if affine is None else affine)

@@ -39,3 +39,17 @@ def run_command(
         return 0
     run_cli(lambda: execute(arguments), prog)
     return 0
+
+
+def hydra_error_line(err: BaseException) -> str:
+    """One line from a Hydra / OmegaConf error: its first line and the first of its cause."""
+    parts = []
+    for error in (err, err.__cause__):
+        if error is None:
+            continue
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        text = next((line for line in lines if not line.startswith(("full_key", "object_type",
+                     "reference_type"))), type(error).__name__)  # fmt: skip
+        if text not in parts:
+            parts.append(text)
+    return "; ".join(parts)
