@@ -30,7 +30,7 @@ import numpy as np
 
 from ichseg.data.windowing import apply_window
 from ichseg.errors import ConfigError, DatasetError, DatasetProblems, first_line
-from ichseg.io.nifti import as_hu
+from ichseg.io.nifti import as_hu, image_data, load_image
 
 Release = Literal["nifti", "jpg"]
 
@@ -645,11 +645,9 @@ def index_dataset(root: str | Path) -> tuple[CTICHDataset | None, list[DatasetEr
 
 
 def _load_nifti(files: _PatientFiles, labels: SliceLabels) -> Scan:
-    import nibabel as nib
-
     assert files.mask is not None
-    image, affine, spacing = _read_nifti(files.image, nib, want_hu=True)
-    mask_data, _, _ = _read_nifti(files.mask, nib, want_hu=False)
+    image, affine, spacing = _read_nifti(files.image, want_hu=True)
+    mask_data, _, _ = _read_nifti(files.mask, want_hu=False)
     if mask_data.shape != image.shape:
         raise DatasetError(
             f"{files.mask}: mask shape {mask_data.shape} differs from its scan "
@@ -675,23 +673,11 @@ def _load_nifti(files: _PatientFiles, labels: SliceLabels) -> Scan:
 
 
 def _read_nifti(
-    path: Path, nib, want_hu: bool
+    path: Path, want_hu: bool
 ) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
     """Decode a NIfTI volume: int16 HU (``want_hu``) or a bool mask (``> 0``)."""
-    try:
-        img = nib.load(path, mmap=False)  # decode into memory: no view of a file that may change
-    except FileNotFoundError:
-        raise DatasetError(f"{path}: file not found", path) from None
-    except Exception as err:  # nibabel raises many types for a bad header
-        raise DatasetError(f"{path}: unreadable NIfTI ({first_line(err)})", path) from None
-    if len(img.shape) != 3:
-        raise DatasetError(f"{path}: expected a 3D volume, got shape {tuple(img.shape)}", path)
-    try:
-        data = np.asanyarray(img.dataobj)
-    except Exception as err:  # truncated or corrupt data block
-        raise DatasetError(
-            f"{path}: unreadable NIfTI data, the file may be truncated ({first_line(err)})", path
-        ) from None
+    img = load_image(path)
+    data = image_data(img, path)
     spacing = tuple(float(z) for z in img.header.get_zooms()[:3])
     affine = np.asarray(img.affine, dtype=np.float64)
     if not want_hu:

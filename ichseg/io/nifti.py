@@ -51,13 +51,12 @@ def as_hu(
     return np.clip(volume, -32768, 32767).astype(np.int16)
 
 
-def read_ct(
-    path: str | os.PathLike[str], header_only: bool = False
-) -> tuple[np.ndarray | None, Any]:
-    """An ``(H, W, N)`` int16 HU volume (None with ``header_only``) and its nibabel image.
+def load_image(path: str | os.PathLike[str]) -> Any:
+    """The 3D nibabel NIfTI image of ``path``, decoded into memory (no view of a file that may
+    change); its data is not read yet (:func:`image_data`).
 
     Raises :class:`~ichseg.errors.DatasetError` naming the file for a missing or unreadable file,
-    a volume that is not 3D, or NaN / infinite values.
+    or a volume that is not 3D.
     """
     import nibabel as nib
 
@@ -76,15 +75,31 @@ def read_ct(
             f"got shape {tuple(image.shape)}",
             path,
         )
-    if header_only:
-        return None, image
+    return image
+
+
+def image_data(image: Any, path: str | os.PathLike[str]) -> np.ndarray:
+    """The voxel array of a :func:`load_image` image, as stored (scaled by the header's slope)."""
     try:
-        data = np.asanyarray(image.dataobj)
+        return np.asanyarray(image.dataobj)
     except Exception as err:  # truncated or corrupt data block
         raise DatasetError(
             f"{path}: unreadable NIfTI data, the file may be truncated ({first_line(err)})", path
         ) from None
-    return as_hu(data, str(path), path), image
+
+
+def read_ct(
+    path: str | os.PathLike[str], header_only: bool = False
+) -> tuple[np.ndarray | None, Any]:
+    """An ``(H, W, N)`` int16 HU volume (None with ``header_only``) and its nibabel image.
+
+    Raises :class:`~ichseg.errors.DatasetError` naming the file for a missing or unreadable file,
+    a volume that is not 3D, or NaN / infinite values.
+    """
+    image = load_image(path)
+    if header_only:
+        return None, image
+    return as_hu(image_data(image, path), str(path), path), image
 
 
 def save_like(reference: Any, data: np.ndarray, target: Path, description: str) -> None:
