@@ -163,3 +163,20 @@ def test_evaluate_command_line_errors_are_one_line_and_exit_2(arguments, message
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_configs_mirror_the_inference_spec_key_for_key():
+    """Every field of InferenceSpec is a key of the evaluation's and of prediction's config."""
+    from dataclasses import fields
+
+    from omegaconf import OmegaConf
+
+    from ichseg.specs import InferenceSpec
+
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    names = [f.name for f in fields(InferenceSpec)]
+    evaluation = OmegaConf.load(conf / "callbacks" / "stitched_eval.yaml").stitched_eval.inference
+    assert list(evaluation) == names
+    assert InferenceSpec(**evaluation) == InferenceSpec()  # the yaml's values are the defaults
+    prediction = OmegaConf.load(conf / "predict.yaml").inference
+    assert list(prediction) == names and all(v is None for v in prediction.values())
