@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 import torch
 
-from ichseg.eval.stitch import stitch
+from ichseg.inference.stitch import stitch
 
 
 def tiny_net(channels: int = 1, width: int = 8) -> torch.nn.Module:

@@ -18,8 +18,8 @@ from torch.utils.data import DataLoader
 from ichseg.checkpoint import ALLOWED_NETS, CheckpointError, read_checkpoint
 from ichseg.data.phantom import generate_phantom
 from ichseg.errors import ConfigError, DatasetError
-from ichseg.eval.stitch import stitch
 from ichseg.inference import Predictor
+from ichseg.inference.stitch import stitch
 from ichseg.io.nifti import as_hu, voxel_volume_ml
 from ichseg.models import UNet
 from ichseg.module import ICHSegmentationModule

@@ -8,7 +8,13 @@ import torch
 
 from ichseg.data.patches import make_grid
 from ichseg.errors import ConfigError
-from ichseg.eval.stitch import coverage_map, full_slice, stitch, to_original_grid, window_weights
+from ichseg.inference.stitch import (
+    coverage_map,
+    full_slice,
+    stitch,
+    to_original_grid,
+    window_weights,
+)
 
 
 def identity_logits(x: torch.Tensor) -> torch.Tensor:

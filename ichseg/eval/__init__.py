@@ -1,6 +1,6 @@
 """Evaluation stage: stitching windows into slices, post-processing, and the metrics.
 
-* :mod:`ichseg.eval.stitch`: run a model over every window of full slices and average the
+* :mod:`ichseg.inference.stitch`: run a model over every window of full slices and average the
   overlapping window probabilities (the paper's sum / count), or run it on whole slices;
   resample the result back to a scan's original grid.
 * :mod:`ichseg.eval.postprocess`: threshold, then morphological closing and opening (the paper's

@@ -5,10 +5,12 @@ a time (only per-slice counts are kept, never a fold's probability maps):
 
 1. ``datamodule.eval_scans(split, patients=...)`` gives the patient's working-size uint8 slices,
    its original-resolution mask, labels, spacing and demographics;
-2. slices -> float in [0, 1] on the model's device -> :func:`ichseg.eval.stitch.stitch` (windowed
+2. slices -> float in [0, 1] on the model's device -> :func:`ichseg.inference.stitch.stitch`
+   (windowed
    mode: the datamodule's window / stride grid, probabilities averaged where windows overlap) or
-   :func:`ichseg.eval.stitch.full_slice` (full-slice mode: no stitching);
-3. :func:`ichseg.eval.stitch.to_original_grid` with the scan's working mode (NIfTI: resize, JPG:
+   :func:`ichseg.inference.stitch.full_slice` (full-slice mode: no stitching);
+3. :func:`ichseg.inference.stitch.to_original_grid` with the scan's working mode (NIfTI:
+   resize, JPG:
    crop);
 4. :func:`ichseg.eval.metrics.score_probabilities` at every threshold (default 0.5 ... 0.9) with
    the configured post-processing (the paper's: closing 10, then opening 5), its sizes and the
@@ -92,8 +94,8 @@ from ichseg.eval.report import (
     tables_markdown,
     write_report,
 )
-from ichseg.eval.stitch import to_original_grid
 from ichseg.inference.predictor import Predictor
+from ichseg.inference.stitch import to_original_grid
 from ichseg.specs import InferenceSpec
 
 SPLITS: tuple[str, ...] = ("val", "test")

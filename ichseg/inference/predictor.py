@@ -11,7 +11,7 @@ scan's own grid and a mask.
 The stitched evaluation feeds it the working-size slices of its slice store (built by the same
 windowing and resampling as :meth:`Predictor.working_slices`); ``ichseg.predict`` feeds it HU
 volumes. Both therefore produce the same probabilities and masks for the same scan
-(tests/test_recipe_roundtrip.py). The steps are :mod:`ichseg.eval.stitch` and
+(tests/test_recipe_roundtrip.py). The steps are :mod:`ichseg.inference.stitch` and
 :mod:`ichseg.eval.postprocess`; this module only composes them under the specs.
 """
 
@@ -25,7 +25,7 @@ import torch
 
 from ichseg.data.windowing import stack_windows, to_working_size
 from ichseg.eval.postprocess import grid_scale, postprocess_thresholds
-from ichseg.eval.stitch import full_slice, stitch, to_original_grid
+from ichseg.inference.stitch import full_slice, stitch, to_original_grid
 from ichseg.specs import InferenceSpec, InputSpec
 
 #: Network batches per chunk of slices sent to the device (and per progress-bar step).

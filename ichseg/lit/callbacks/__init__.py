@@ -1,0 +1,1 @@
+"""Lightning callbacks: the stitched evaluation, image galleries, the threshold report."""
