@@ -102,10 +102,10 @@ def main() -> None:
             "ichseg": lambda model=model: stitch(
                 model,
                 slices,
-                window=args.window,
-                stride=stride,
-                window_batch_size=args.batch,
-                mode=args.mode,
+                tile_size=args.window,
+                tile_stride=stride,
+                tile_batch_size=args.batch,
+                blend=args.mode,
             )
         }
         if sliding_window_inference is not None:

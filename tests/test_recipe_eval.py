@@ -48,13 +48,19 @@ def test_stitching_with_context_equals_a_stacked_volume(k):
     torch.manual_seed(0)
     volume = torch.rand(5, 2, 24, 24)
     model = Mixer(2 * (2 * k + 1))
-    reference = stitch(model, stacked(volume, k), window=8, stride=4, window_batch_size=7)
-    ours = stitch(model, volume, window=8, stride=4, window_batch_size=7, context_slices=k)
+    reference = stitch(model, stacked(volume, k), tile_size=8, tile_stride=4, tile_batch_size=7)
+    ours = stitch(model, volume, tile_size=8, tile_stride=4, tile_batch_size=7, context_slices=k)
     torch.testing.assert_close(ours, reference)
     part = stitch(
-        model, volume, window=8, stride=4, context_slices=k, rows=slice(1, 4), mode="gaussian"
+        model,
+        volume,
+        tile_size=8,
+        tile_stride=4,
+        context_slices=k,
+        rows=slice(1, 4),
+        blend="gaussian",
     )
-    whole = stitch(model, volume, window=8, stride=4, context_slices=k, mode="gaussian")
+    whole = stitch(model, volume, tile_size=8, tile_stride=4, context_slices=k, blend="gaussian")
     torch.testing.assert_close(part, whole[1:4])
     torch.testing.assert_close(
         full_slice(model, volume, batch_size=2, context_slices=k),

@@ -12,6 +12,7 @@ from ichseg.inference.stitch import (
     coverage_map,
     full_slice,
     stitch,
+    tile_weights,
     to_original_grid,
     window_weights,
 )
@@ -37,7 +38,7 @@ def test_constant_model_gives_the_constant(size, mode) -> None:
     height, width = (size, size) if isinstance(size, int) else size
     logit = 0.7
     model = lambda x: torch.full((x.shape[0], 1, *x.shape[-2:]), logit)  # noqa: E731
-    out = stitch(model, torch.rand(2, 1, height, width), mode=mode, window_batch_size=13)
+    out = stitch(model, torch.rand(2, 1, height, width), blend=mode, tile_batch_size=13)
     assert out.shape == (2, height, width) and out.dtype == torch.float32
     expected = torch.sigmoid(torch.tensor(logit))
     assert torch.allclose(out, expected.expand_as(out), rtol=0, atol=1e-6)  # float32 rounding
@@ -47,7 +48,7 @@ def test_constant_model_gives_the_constant(size, mode) -> None:
 @pytest.mark.parametrize("mode", ["constant", "gaussian"])
 def test_position_independent_model_gives_its_function(size, mode) -> None:
     x = torch.randn(3, 1, size, size) * 4
-    out = stitch(identity_logits, x, mode=mode, window_batch_size=20)
+    out = stitch(identity_logits, x, blend=mode, tile_batch_size=20)
     assert torch.allclose(out, torch.sigmoid(x[:, 0]), rtol=0, atol=1e-6)  # float32 rounding
 
 
@@ -70,9 +71,9 @@ def test_coverage_matches_the_grid_with_an_edge_aligned_last_window(size) -> Non
         assert sorted(set(grid.corners[:, 0].tolist())) == [0, 80, 160, 240, 320, 352]
 
 
-def test_window_weights() -> None:
-    assert torch.equal(window_weights(160), torch.ones(160, 160))
-    gauss = window_weights(160, "gaussian")
+def test_tile_weights() -> None:
+    assert torch.equal(tile_weights(160), torch.ones(160, 160))
+    gauss = tile_weights(160, "gaussian")
     assert gauss.shape == (160, 160)
     assert torch.equal(gauss, gauss.flip(0)) and torch.equal(gauss, gauss.T)  # centred, symmetric
     assert gauss.min().item() == pytest.approx(1e-3)  # MONAI's floor
@@ -80,18 +81,18 @@ def test_window_weights() -> None:
     centre = np.exp(-(0.5**2) / (2 * sigma**2)) ** 2  # pixels 79 and 80 are 0.5 from the centre
     assert gauss.max().item() == pytest.approx(centre, rel=1e-6)
     with pytest.raises(ConfigError):
-        window_weights(160, "median")  # type: ignore[arg-type]
+        tile_weights(160, "median")  # type: ignore[arg-type]
 
 
 def test_batches_of_slices_and_window_batches_do_not_change_the_result() -> None:
     torch.manual_seed(0)
     net = torch.nn.Conv2d(1, 1, 5, padding=2)  # output depends on the window border: a real test
     x = torch.rand(3, 1, 512, 512)
-    together = stitch(net, x, window_batch_size=49)
-    separately = torch.cat([stitch(net, x[i : i + 1], window_batch_size=49) for i in range(3)])
+    together = stitch(net, x, tile_batch_size=49)
+    separately = torch.cat([stitch(net, x[i : i + 1], tile_batch_size=49) for i in range(3)])
     assert torch.allclose(together, separately, rtol=0, atol=1e-6)
     for batch in (5, 1000):  # (batch size 1 is slow only because of oneDNN per-call setup)
-        assert torch.allclose(stitch(net, x, window_batch_size=batch), together, rtol=0, atol=1e-6)
+        assert torch.allclose(stitch(net, x, tile_batch_size=batch), together, rtol=0, atol=1e-6)
 
 
 def test_windows_are_cut_at_the_grid_positions() -> None:
@@ -105,7 +106,7 @@ def test_windows_are_cut_at_the_grid_positions() -> None:
         seen.append(batch[:, 0, 0, 0].clone())  # top-left pixel id of each window
         return batch[:, :1] / 1e6  # small logits: sigmoid is monotone and exact enough
 
-    out = stitch(model, x, window=160, stride=80, window_batch_size=4)
+    out = stitch(model, x, tile_size=160, tile_stride=80, tile_batch_size=4)
     grid = make_grid((height, width), 160, 80)
     expected_corners = grid.corners[:, 0] * width + grid.corners[:, 1]
     assert torch.cat(seen).long().tolist() == expected_corners.tolist()
@@ -133,7 +134,7 @@ def test_full_slice_has_the_same_format() -> None:
     # a slice that is exactly one window stitches to the full-slice output
     square = x[:, :, :160, :160]
     assert torch.allclose(
-        stitch(net, square, window=160, stride=80), full_slice(net, square), atol=1e-6
+        stitch(net, square, tile_size=160, tile_stride=80), full_slice(net, square), atol=1e-6
     )
 
 
@@ -175,7 +176,7 @@ def test_equals_monai_sliding_window_inference(size, channels, mode) -> None:
     height, width = (size, size) if isinstance(size, int) else size
     net = small_net(channels)
     x = torch.rand(2, channels, height, width)
-    ours = stitch(net, x, window=160, stride=80, window_batch_size=16, mode=mode)
+    ours = stitch(net, x, tile_size=160, tile_stride=80, tile_batch_size=16, blend=mode)
     with torch.no_grad():
         theirs = monai_inferers.sliding_window_inference(
             x,
@@ -205,3 +206,14 @@ def test_cuda_and_amp() -> None:
     with_amp = stitch(net, x, amp=True, amp_dtype=torch.bfloat16, output_device="cuda")
     assert with_amp.device.type == "cuda" and with_amp.dtype == torch.float32
     assert torch.allclose(with_amp.cpu(), reference, atol=2e-2)
+
+
+def test_the_earlier_keyword_names_still_work_with_a_warning() -> None:
+    x = torch.rand(1, 1, 64, 64)
+    expected = stitch(identity_logits, x, tile_size=32, tile_stride=16, blend="gaussian")
+    with pytest.warns(FutureWarning, match=r"stitch\(window=...\) is now tile_size=..."):
+        old = stitch(identity_logits, x, window=32, stride=16, window_batch_size=3, mode="gaussian")
+    assert torch.equal(old, expected)
+    assert window_weights is tile_weights
+    with pytest.raises(TypeError, match="both window= and tile_size="):
+        stitch(identity_logits, x, window=32, tile_size=32)

@@ -119,7 +119,7 @@ class Predictor:
             if spec.mode == "windowed":
                 maps = stitch(
                     self._model, images, spec.tile_size, spec.tile_stride,
-                    window_batch_size=run.tile_batch_size, mode=run.blend,  # type: ignore[arg-type]
+                    tile_batch_size=run.tile_batch_size, blend=run.blend,  # type: ignore[arg-type]
                     sigma_scale=run.sigma_scale, **common,
                 )  # fmt: skip
             else:

@@ -1,50 +1,28 @@
-"""Whole-slice probability maps from a window model: sliding windows, averaged where they overlap.
+"""Whole-slice probability maps from a tile model: sliding tiles, averaged where they overlap.
 
-The paper cuts every 640x640 slice into 160x160 windows with stride 80 (a 7x7 grid), runs the U-Net
-on each window and AVERAGES the overlapping window probabilities into the full slice: for every
-pixel, the sum of the probabilities of the windows covering it divided by their number.
+The paper cuts every 640x640 slice into 160x160 tiles ("windows" in the paper) with stride 80 (a
+7x7 grid), runs the U-Net on each tile and AVERAGES the overlapping probabilities into the full
+slice: for every pixel, the sum of the probabilities of the tiles covering it divided by their
+number. :func:`stitch` does that for one volume's slices ``(B, C, H, W)`` without a Python loop
+over tiles: each batch of ``tile_batch_size`` tiles is gathered from the flattened slices with
+one ``index_select`` and accumulated with one ``index_add_`` (the grid:
+:func:`ichseg.data.tiles.make_grid`; the last tile of a row or column flush with the far edge).
 
-:func:`stitch` does exactly that for one or more slices ``(B, C, H, W)``:
-
-* the grid is :func:`ichseg.data.patches.make_grid` (any slice size; when the stride does not divide
-  the slice the last window of each row and column is flush with the far edge, e.g. 512 with
-  160/80 -> starts 0, 80, ..., 320, 352);
-* every window is addressed by index arithmetic: window id -> (slice, grid position) -> the flat
-  indices of its pixels (top-left index plus one shared offset table); a batch of
-  ``window_batch_size`` windows is gathered from the flattened slices with one ``index_select``
-  and run through the model on its device (no Python loop over windows, only over batches);
-* the window probabilities ``sigmoid(logits)`` (computed in float32, also under AMP) are multiplied
-  by a window weight map and accumulated into the slices with one ``index_add_`` per batch; the
-  result is divided by the accumulated weights.
-
-Weight maps (``mode``): ``"constant"`` (all ones: the paper's sum / count, MONAI's ``constant``)
-or ``"gaussian"``, MONAI's definition (``monai.data.utils.compute_importance_map``):
-``w(i, j) = max(g(i) g(j), 1e-3)`` with ``g(t) = exp(-(t - (n - 1) / 2)^2 / (2 sigma^2))`` and
-``sigma = sigma_scale * n`` (``sigma_scale`` 0.125 as in MONAI and nnU-Net). The Gaussian is
-centred between the two middle pixels of an even window, so the map is symmetric.
-
-With ``roi_size=(160, 160)``, ``overlap=0.5`` MONAI's ``sliding_window_inference`` builds the same
-grid (scan interval ``int(160 * 0.5) = 80``, last window flush with the edge) and the same weighted
-average: given a predictor that returns probabilities, both agree to float32 rounding
-(``tests/test_stitch.py``).
-
-2.5D models (``context_slices=k``) take the same window of the slices ``s - k .. s + k`` as channels
-(slice-major, the volume's first and last slices repeated at its ends, as in training): the input
-indices of a window then come from ``2k + 1`` slice planes of the same flattened volume, so no
-context-stacked copy of the volume is made. ``rows`` restricts the output to some slices (their
-neighbours are still read), so a caller can predict a long volume in chunks.
-
-:func:`full_slice` runs the model on whole slices (the paper's full-slice experiment) and returns
-the same format. :func:`to_original_grid` resamples a stitched map back to the scan's own grid with
-:func:`ichseg.data.windowing.from_working_size`.
-
-Outputs are float32 probability maps ``(B, H, W)``.
+Weight maps (``blend``): ``"constant"`` (the paper's sum / count, MONAI's ``constant``) or
+``"gaussian"``, MONAI's ``compute_importance_map``: ``w(i, j) = max(g(i) g(j), 1e-3)`` with
+``g(t) = exp(-(t - (n - 1) / 2)^2 / (2 sigma^2))``, ``sigma = sigma_scale * n``. 2.5D models
+(``context_slices=k``) read the same tile of slices ``s - k .. s + k`` by index arithmetic, with
+no stacked copy of the volume. :func:`full_slice` runs a model on whole slices;
+:func:`to_original_grid` resamples a map back to the scan's own grid. Outputs are float32
+``(B, H, W)``. The full description, and the equality with MONAI's ``sliding_window_inference``:
+docs/evaluation.md.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -53,6 +31,7 @@ import torch
 from ichseg.data.patches import check_context_slices, make_grid
 from ichseg.data.windowing import from_working_size
 from ichseg.errors import ConfigError
+from ichseg.utils.renamed import renamed_keywords
 
 BlendMode = Literal["constant", "gaussian"]
 BLEND_MODES: tuple[str, ...] = ("constant", "gaussian")
@@ -65,18 +44,19 @@ Model = Callable[[torch.Tensor], torch.Tensor]
 # --------------------------------------------------------------------------- weights
 
 
-def window_weights(
-    window: int | tuple[int, int],
-    mode: BlendMode = "constant",
+@renamed_keywords({"window": "tile_size", "mode": "blend"})
+def tile_weights(
+    tile_size: int | tuple[int, int],
+    blend: BlendMode = "constant",
     sigma_scale: float = 0.125,
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
-    """``(h, w)`` float32 weight map of one window (see the module docstring for ``gaussian``)."""
-    height, width = (window, window) if isinstance(window, int) else window
-    if mode == "constant":
+    """``(h, w)`` float32 weight map of one tile (see the module docstring for ``gaussian``)."""
+    height, width = (tile_size, tile_size) if isinstance(tile_size, int) else tile_size
+    if blend == "constant":
         return torch.ones((height, width), dtype=torch.float32, device=device)
-    if mode != "gaussian":
-        raise ConfigError(f"stitching mode must be one of {', '.join(BLEND_MODES)}, not {mode!r}")
+    if blend != "gaussian":
+        raise ConfigError(f"stitching blend must be one of {', '.join(BLEND_MODES)}, not {blend!r}")
     if sigma_scale <= 0:
         raise ConfigError(f"the Gaussian sigma_scale must be positive, got {sigma_scale}")
 
@@ -88,31 +68,37 @@ def window_weights(
     return weights.clamp_(min=GAUSSIAN_MIN_WEIGHT)
 
 
-def _window_offsets(window: int, width: int, device: torch.device | str | None) -> torch.Tensor:
-    """``(window * window,)`` offsets ``i * width + j`` of a window's pixels from its corner."""
-    steps = torch.arange(window, device=device)
+#: Earlier name of :func:`tile_weights`.
+window_weights = tile_weights
+
+
+def _tile_offsets(tile_size: int, width: int, device: torch.device | str | None) -> torch.Tensor:
+    """``(tile_size**2,)`` offsets ``i * width + j`` of a tile's pixels from its corner."""
+    steps = torch.arange(tile_size, device=device)
     return (steps[:, None] * width + steps[None, :]).reshape(-1)
 
 
+@renamed_keywords({"window": "tile_size", "stride": "tile_stride", "mode": "blend"})
 def coverage_map(
     size: int | tuple[int, int],
-    window: int = 160,
-    stride: int = 80,
-    mode: BlendMode = "constant",
+    tile_size: int = 160,
+    tile_stride: int = 80,
+    blend: BlendMode = "constant",
     sigma_scale: float = 0.125,
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
-    """``(H, W)`` float32 sum of the window weights at each pixel: the stitching denominator.
+    """``(H, W)`` float32 sum of the tile weights at each pixel: the stitching denominator.
 
-    For ``mode="constant"`` this is the number of windows covering each pixel (1 / 2 / 4 on the
+    For ``blend="constant"`` this is the number of tiles covering each pixel (1 / 2 / 4 on the
     paper's 640 / 160 / 80 grid).
     """
-    grid = make_grid(size, window, stride)
+    grid = make_grid(size, tile_size, tile_stride)
     height, width = grid.size
     corners = torch.from_numpy(grid.corners.copy()).to(device)
-    starts = corners[:, 0] * width + corners[:, 1]  # (G,) flat index of each window's top-left
-    index = starts[:, None] + _window_offsets(window, width, device)
-    weights = window_weights(window, mode, sigma_scale, device).reshape(1, -1).expand(len(grid), -1)
+    starts = corners[:, 0] * width + corners[:, 1]  # (G,) flat index of each tile's top-left
+    index = starts[:, None] + _tile_offsets(tile_size, width, device)
+    weights = tile_weights(tile_size, blend, sigma_scale, device).reshape(1, -1)
+    weights = weights.expand(len(grid), -1)
     total = torch.zeros(height * width, dtype=torch.float32, device=device)
     total.index_add_(0, index.reshape(-1), weights.reshape(-1))
     return total.reshape(height, width)
@@ -207,13 +193,51 @@ def context_index(slice_ids: torch.Tensor, context_slices: int, n_slices: int) -
     return (slice_ids[:, None] + offsets[None, :]).clamp_(0, n_slices - 1)
 
 
+@dataclass(frozen=True)
+class _TileIndex:
+    """Index arithmetic of one stitching call: tile id -> flat indices of its pixels."""
+
+    starts: torch.Tensor  # (G,) flat index of each grid position's top-left pixel
+    offsets: torch.Tensor  # (t * t,) offsets of a tile's pixels from its corner, shared
+    channel_offsets: torch.Tensor  # (C, t * t) the same in each channel plane of a slice
+    plane: int  # H * W
+    n_positions: int  # tiles per slice
+
+    @classmethod
+    def build(
+        cls, shape: tuple[int, ...], tile_size: int, tile_stride: int, device: torch.device
+    ) -> _TileIndex:
+        n_slices, n_channels, height, width = shape
+        plane = height * width
+        # int32 index arithmetic (half the memory traffic) whenever every flat index fits
+        dtype = torch.int32 if n_slices * n_channels * plane < 2**31 else torch.int64
+        grid = make_grid((height, width), tile_size, tile_stride)
+        corners = torch.from_numpy(grid.corners.copy()).to(device, dtype)
+        offsets = _tile_offsets(tile_size, width, device).to(dtype)
+        channels = torch.arange(n_channels, device=device, dtype=dtype)
+        return cls(
+            starts=corners[:, 0] * width + corners[:, 1],
+            offsets=offsets,
+            channel_offsets=channels[:, None] * plane + offsets,
+            plane=plane,
+            n_positions=len(grid),
+        )
+
+    def tile_ids(self, start: int, stop: int) -> torch.Tensor:
+        return torch.arange(start, stop, device=self.starts.device, dtype=self.starts.dtype)
+
+
+@renamed_keywords(
+    {"window": "tile_size", "stride": "tile_stride", "window_batch_size": "tile_batch_size",
+     "mode": "blend"}
+)  # fmt: skip
 def stitch(
     model: Model,
     slices: torch.Tensor | np.ndarray,
-    window: int = 160,
-    stride: int = 80,
-    window_batch_size: int = 32,
-    mode: BlendMode = "constant",
+    tile_size: int = 160,
+    tile_stride: int = 80,
+    tile_batch_size: int = 32,
+    blend: BlendMode = "constant",
     sigma_scale: float = 0.125,
     amp: bool = False,
     amp_dtype: torch.dtype = torch.bfloat16,
@@ -222,72 +246,62 @@ def stitch(
     context_slices: int = 0,
     rows: slice | None = None,
 ) -> torch.Tensor:
-    """Probability maps ``(B, H, W)`` float32 of full slices ``(B, C, H, W)`` from a window model.
+    """Probability maps ``(B, H, W)`` float32 of full slices ``(B, C, H, W)`` from a tile model.
 
-    ``model`` maps ``(N, C', window, window)`` to logits ``(N, 1, window, window)``; it runs on
-    ``device`` (default: the device of its parameters, else that of ``slices``),
-    ``window_batch_size`` windows at a time, under ``torch.inference_mode``, in eval mode
-    (restored afterwards), with autocast to ``amp_dtype`` when ``amp`` is set and the device is
-    CUDA. Overlapping window probabilities are averaged with ``mode`` weights (module docstring).
-    The result is on ``output_device`` (default: the device of ``slices``).
+    ``model`` maps ``(N, C', tile_size, tile_size)`` to logits ``(N, 1, tile_size, tile_size)``;
+    it runs on ``device`` (default: the device of its parameters, else that of ``slices``),
+    ``tile_batch_size`` tiles at a time, under ``torch.inference_mode``, in eval mode (restored
+    afterwards), with autocast to ``amp_dtype`` when ``amp`` is set and the device is CUDA.
+    Overlapping tile probabilities are averaged with ``blend`` weights (module docstring). The
+    result is on ``output_device`` (default: the device of ``slices``).
 
     ``slices`` is one volume's slices in order. With ``context_slices`` ``k > 0`` (2.5D models)
-    each window's input also holds the same window of slices ``s - k .. s + k`` (clamped to the
+    each tile's input also holds the same tile of slices ``s - k .. s + k`` (clamped to the
     volume's ends), stacked slice-major: ``C' = (2k + 1) C``, gathered by index arithmetic from
     the one copy of ``slices``. ``rows`` (a step-1 ``slice``) predicts only those slices (their
     neighbours are still read from all of ``slices``): the output is then ``(len(rows), H, W)``.
     """
     source = _as_slices(slices)
-    if window_batch_size < 1:
-        raise ConfigError(f"window_batch_size must be at least 1, got {window_batch_size}")
+    if tile_batch_size < 1:
+        raise ConfigError(f"tile_batch_size must be at least 1, got {tile_batch_size}")
     n_slices, n_channels, height, width = source.shape
     first, stop = _row_range(rows, n_slices)
-    n_out = stop - first
-    grid = make_grid((height, width), window, stride)
     run_device = _model_device(model, device, source.device)
     out_device = torch.device(output_device) if output_device is not None else source.device
-
-    plane = height * width
-    # int32 index arithmetic (half the memory traffic) whenever every flat index fits
-    index_dtype = torch.int32 if n_slices * n_channels * plane < 2**31 else torch.int64
-    flat_inputs = source.to(run_device, non_blocking=True).contiguous().reshape(-1)
-    corners = torch.from_numpy(grid.corners.copy()).to(run_device, index_dtype)
-    starts = corners[:, 0] * width + corners[:, 1]  # (G,) flat index of each window's top-left
-    offsets = _window_offsets(window, width, run_device).to(index_dtype)  # (w * w,), shared
-    # (C, w * w): the offsets of a window's pixels in each channel plane of its slice
-    channels = torch.arange(n_channels, device=run_device, dtype=index_dtype)
-    channel_offsets = channels[:, None] * plane + offsets
+    index = _TileIndex.build(tuple(source.shape), tile_size, tile_stride, run_device)
     weights = None
-    if mode != "constant":
-        weights = window_weights(window, mode, sigma_scale, run_device).reshape(-1)
-    n_positions, n_windows = len(grid), n_out * len(grid)
+    if blend != "constant":
+        weights = tile_weights(tile_size, blend, sigma_scale, run_device).reshape(-1)
+    n_tiles, plane = (stop - first) * index.n_positions, index.plane
     in_channels = (2 * context_slices + 1) * n_channels
     # the input layout is the output layout: reuse the input indices as output indices
     same_layout = n_channels == 1 and context_slices == 0 and first == 0
-    total = torch.zeros(n_out * plane, dtype=torch.float32, device=run_device)
+    flat_inputs = source.to(run_device, non_blocking=True).contiguous().reshape(-1)
+    total = torch.zeros((stop - first) * plane, dtype=torch.float32, device=run_device)
 
     with _evaluation_mode(model), torch.inference_mode():
-        for batch_start in range(0, n_windows, window_batch_size):
-            batch_stop = min(batch_start + window_batch_size, n_windows)
-            ids = torch.arange(batch_start, batch_stop, device=run_device, dtype=index_dtype)
-            # window id -> (slice, grid position) -> flat index of every pixel of the window
-            out_slice, top_left = ids // n_positions, starts[ids % n_positions]
+        for batch_start in range(0, n_tiles, tile_batch_size):
+            ids = index.tile_ids(batch_start, min(batch_start + tile_batch_size, n_tiles))
+            # tile id -> (slice, grid position) -> flat index of every pixel of the tile
+            out_slice, top_left = ids // index.n_positions, index.starts[ids % index.n_positions]
             sources = context_index(out_slice + first, context_slices, n_slices)  # (n, 2k + 1)
             corner_index = sources * (n_channels * plane) + top_left[:, None]
-            input_index = (corner_index[:, :, None, None] + channel_offsets).reshape(-1)
+            input_index = (corner_index[:, :, None, None] + index.channel_offsets).reshape(-1)
             batch = flat_inputs.index_select(0, input_index)
-            batch = batch.reshape(len(ids), in_channels, window, window)
+            batch = batch.reshape(len(ids), in_channels, tile_size, tile_size)
             probabilities = _probabilities(model, batch, amp, amp_dtype).reshape(len(ids), -1)
             if weights is not None:
                 probabilities = probabilities * weights
             if same_layout:
                 output_index = input_index
             else:
-                output_index = ((out_slice * plane + top_left)[:, None] + offsets).reshape(-1)
+                output_index = ((out_slice * plane + top_left)[:, None] + index.offsets).reshape(-1)
             total.index_add_(0, output_index, probabilities.reshape(-1))
     # outside inference mode, so that the result is an ordinary tensor
-    denominator = coverage_map((height, width), window, stride, mode, sigma_scale, run_device)
-    stitched = total.reshape(n_out, height, width) / denominator
+    denominator = coverage_map(
+        (height, width), tile_size, tile_stride, blend, sigma_scale, run_device
+    )
+    stitched = total.reshape(stop - first, height, width) / denominator
     return stitched.to(out_device)
 
 
