@@ -67,70 +67,39 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-PAPER_LR = ["model.optimizer.lr=1e-3"]
-BCE_POS_WEIGHT = [
-    "model.loss={_target_: ichseg.losses.DiceBCELoss, dice_weight: 0.0, bce_weight: 1.0, "
-    "pos_weight: 10.0}"
-]
-DICE_BCE = ["model.loss={_target_: ichseg.losses.DiceBCELoss, dice_weight: 1.0, bce_weight: 1.0}"]
-
-#: each improvement: (what it is, the overrides that add it to ``experiment=windowed``, the
-#: overrides that turn it back to the paper's within ``experiment=windowed_plus``)
-SWITCHES: dict[str, tuple[str, list[str], list[str]]] = {
-    "dice_bce": ("Dice + BCE", DICE_BCE, ["model.loss=null"]),
-    "batch_norm": ("batch normalisation", ["model.net.norm=batch"], ["model.net.norm=none"]),
-    "conv1x1_head": (
-        "nnU-Net's 1x1 output convolution",
-        ["model.net.head=conv1x1"],
-        ["model.net.head=paper"],
-    ),
-    "windows": (
-        "brain, subdural, bone channels",
-        ["data.channels=[brain,subdural,bone]"],
-        ["data.channels=[brain]"],
-    ),
-    "context": ("2.5D (k=1)", ["data.context_slices=1"], ["data.context_slices=0"]),
-    "oversample": (
-        "foreground oversampling 1/3",
-        ["data.undersampling=oversample"],
-        ["data.undersampling=paper"],
-    ),
-    "tuned": (
-        "Gaussian stitching, val-tuned threshold / post-processing",
-        [
-            "callbacks.stitched_eval.inference.blend=gaussian",
-            "callbacks.stitched_eval.tune_on_val=true",
-        ],
-        [
-            "callbacks.stitched_eval.inference.blend=constant",
-            "callbacks.stitched_eval.tune_on_val=false",
-        ],
-    ),
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "conf" / "experiment"
+#: the improvements, each one config file pair in conf/experiment/compare/: ``with_<name>`` adds it
+#: to the paper recipe (at the demo learning rate, ``paper_lr``), ``without_<name>`` turns it back
+#: to the paper's within ``experiment=windowed_plus``
+SWITCHES: tuple[str, ...] = (
+    "dice_bce", "batch_norm", "conv1x1_head", "windows", "context", "oversample", "tuned",
+)  # fmt: skip
+#: row name -> the experiment config (conf/experiment/<name>.yaml) it trains
+ROWS: dict[str, str] = {
+    "paper": "windowed",
+    "paper_lr": "compare/paper_lr",
+    **{f"+{name}": f"compare/with_{name}" for name in SWITCHES},
+    # the other loss of the list; not part of windowed_plus
+    "+bce_pos_weight": "compare/with_bce_pos_weight",
+    "windowed_plus": "windowed_plus",
+    "full_slice_plus": "compare/full_slice_plus",
+    # leave-one-out ablation: windowed_plus with one switch turned back to the paper's
+    **{f"plus-{name}": f"compare/without_{name}" for name in SWITCHES},
 }
 
-#: name -> (what it is, Hydra overrides on top of the shared phantom settings)
+
+def row_description(experiment: str) -> str:
+    """What a row is: the second line of a ``compare/`` file, else ``experiment=<name>``."""
+    if not experiment.startswith("compare/"):
+        return f"experiment={experiment}"
+    lines = (EXPERIMENTS / f"{experiment}.yaml").read_text().splitlines()
+    return lines[1].lstrip("# ").strip()
+
+
+#: name -> (what it is, the Hydra override that selects its config file)
 RECIPES: dict[str, tuple[str, list[str]]] = {
-    "paper": ("the paper: experiment=windowed (Adam 1e-5)", ["experiment=windowed"]),
-    "paper_lr": ("the paper at the demo learning rate 1e-3", ["experiment=windowed", *PAPER_LR]),
-    **{
-        f"+{name}": (f"paper_lr + {text}", ["experiment=windowed", *PAPER_LR, *on])
-        for name, (text, on, _) in SWITCHES.items()
-    },
-    # the other loss of the issue's list; not part of windowed_plus
-    "+bce_pos_weight": (
-        "paper_lr + BCE with ICH pixels weighted 10x",
-        ["experiment=windowed", *PAPER_LR, *BCE_POS_WEIGHT],
-    ),
-    "windowed_plus": ("experiment=windowed_plus (all of the above)", ["experiment=windowed_plus"]),
-    "full_slice_plus": (
-        "experiment=full_slice_plus (whole slices)",
-        ["experiment=full_slice_plus", "data.batch_size=2"],
-    ),
-    # leave-one-out ablation: windowed_plus with one switch turned back to the paper's
-    **{
-        f"plus-{name}": (f"windowed_plus without {text}", ["experiment=windowed_plus", *off])
-        for name, (text, _, off) in SWITCHES.items()
-    },
+    name: (row_description(experiment), [f"experiment={experiment}"])
+    for name, experiment in ROWS.items()
 }
 ADDED = ("+dice_bce", "+bce_pos_weight", *(f"+{name}" for name in SWITCHES if name != "dice_bce"))
 WITHOUT = tuple(f"plus-{name}" for name in SWITCHES)

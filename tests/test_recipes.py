@@ -180,6 +180,18 @@ def test_every_recipe_composes_and_each_switch_changes_its_base(tmp_path):
     assert composed("+oversample")["data"]["undersampling"] == "oversample"
 
 
+def test_every_row_is_a_config_file_with_a_description():
+    bench = load_bench()
+    for name, experiment in bench.ROWS.items():
+        path = bench.EXPERIMENTS / f"{experiment}.yaml"
+        assert path.is_file(), name
+        assert bench.RECIPES[name][1] == [f"experiment={experiment}"]
+        assert bench.RECIPES[name][0] and "\n" not in bench.RECIPES[name][0]
+    assert bench.RECIPES["plus-tuned"][0] == (
+        "windowed_plus without Gaussian stitching, val-tuned threshold / post-processing"
+    )
+
+
 def test_rows_over_seeds_are_means_with_the_dice_spread():
     bench = load_bench()
     runs = [
