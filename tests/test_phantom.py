@@ -28,6 +28,7 @@ from ichseg.data.phantom import (
     parse_slices,
     patient_ids,
 )
+from ichseg.data.phantom import write as phantom_write
 from ichseg.errors import ConfigError, DatasetError, IchsegError
 
 SIZE = 96
@@ -521,7 +522,7 @@ def test_failure_leaves_nothing_behind(tmp_path: Path, monkeypatch: pytest.Monke
     def boom(*args: object, **kwargs: object) -> None:
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(phantom, "_write_label_csv", boom)
+    monkeypatch.setattr(phantom_write, "_write_label_csv", boom)
     with pytest.raises(RuntimeError):
         generate_phantom(tmp_path / "out", n_patients=1, n_slices=2, size=64)
     assert list(tmp_path.iterdir()) == []
