@@ -179,6 +179,126 @@ def _pick_slice(rng: np.random.Generator, heights: np.ndarray, lo: float, hi: fl
     return float(rng.choice(candidates)) + rng.uniform(-0.4, 0.4)
 
 
+def _draw_extra_axial(
+    rng: np.random.Generator,
+    anat: _Anatomy,
+    heights: np.ndarray,
+    n_slices: int,
+    spacing: float,
+    subtype: str,
+    hu: float,
+) -> _Lesion:
+    """An EDH (lens) or SDH (crescent) against the inner table."""
+    s = anat.scale
+    is_edh = subtype == "EDH"
+    zc = _pick_slice(rng, heights, 0.3, 0.8)
+    return _ExtraAxial(
+        subtype=subtype,
+        zc=zc,
+        rz=_lesion_extent(rng, n_slices, 0.06, 0.12),
+        hu=hu,
+        angle=rng.uniform(-math.pi, math.pi),
+        half_arc=rng.uniform(0.28, 0.5) if is_edh else rng.uniform(0.7, 1.2),
+        thickness_mm=max(
+            (rng.uniform(8.0, 20.0) if is_edh else rng.uniform(4.0, 11.0)) * s,
+            (3.0 if is_edh else 2.5) * spacing,
+        ),
+        drift=rng.uniform(-0.04, 0.04),
+    )
+
+
+def _draw_parenchymal(
+    rng: np.random.Generator,
+    anat: _Anatomy,
+    heights: np.ndarray,
+    n_slices: int,
+    spacing: float,
+    subtype: str,
+    hu: float,
+) -> _Lesion:
+    """An IPH blob with oedema, inside the brain."""
+    s = anat.scale
+    zc = _pick_slice(rng, heights, 0.35, 0.75)
+    angle = rng.uniform(-math.pi, math.pi)
+    inner = (
+        _dome_scale(float(np.interp(zc, np.arange(n_slices), heights))) * anat.semi_lr
+        - anat.scalp_mm
+        - anat.skull_front_back_mm
+    )
+    r = rng.uniform(0.15, 0.5) * inner
+    return _Parenchymal(
+        subtype=subtype,
+        zc=zc,
+        rz=_lesion_extent(rng, n_slices, 0.04, 0.09),
+        hu=hu,
+        centre=(r * math.cos(angle), r * math.sin(angle)),
+        radii=(
+            max(rng.uniform(6.0, 17.0) * s, 3.0 * spacing),
+            max(rng.uniform(5.0, 13.0) * s, 3.0 * spacing),
+        ),
+        orientation=rng.uniform(0, math.pi),
+        oedema_mm=rng.uniform(2.0, 5.0),
+        oedema_drop=rng.uniform(6.0, 10.0),
+    )
+
+
+def _draw_intraventricular(
+    rng: np.random.Generator,
+    anat: _Anatomy,
+    heights: np.ndarray,
+    n_slices: int,
+    spacing: float,
+    subtype: str,
+    hu: float,
+) -> _Lesion:
+    """An IVH in one or both lateral ventricles, layering or a cast."""
+    mid = (anat.vent_start + anat.vent_end) / 2
+    half = (anat.vent_end - anat.vent_start) / 2
+    zc = _pick_slice(rng, heights, mid - 0.5 * half, mid + 0.5 * half)
+    sides = (0, 1) if rng.random() < 0.4 else (int(rng.integers(0, 2)),)
+    cast = rng.random() < 0.3
+    return _Intraventricular(
+        subtype=subtype,
+        zc=zc,
+        rz=_lesion_extent(rng, n_slices, 0.05, 0.1),
+        hu=hu,
+        sides=sides,
+        level=1.0 if cast else rng.uniform(0.25, 0.6),
+    )
+
+
+def _draw_subarachnoid(
+    rng: np.random.Generator,
+    anat: _Anatomy,
+    heights: np.ndarray,
+    n_slices: int,
+    spacing: float,
+    subtype: str,
+    hu: float,
+) -> _Lesion:
+    """A SAH along the surface of one sector."""
+    zc = _pick_slice(rng, heights, 0.35, 0.8)
+    return _Subarachnoid(
+        subtype=subtype,
+        zc=zc,
+        rz=_lesion_extent(rng, n_slices, 0.05, 0.1),
+        hu=rng.uniform(55.0, 75.0),
+        angle=rng.uniform(-math.pi, math.pi),
+        half_arc=rng.uniform(0.4, 1.0),
+        thickness_mm=max(rng.uniform(1.5, 3.0), 2.0 * spacing),
+        gap_mm=anat.csf_gap_mm,
+    )
+
+
+_DRAWERS = {
+    "EDH": _draw_extra_axial,
+    "SDH": _draw_extra_axial,
+    "IPH": _draw_parenchymal,
+    "IVH": _draw_intraventricular,
+    "SAH": _draw_subarachnoid,
+}
+
+
 def _draw_lesions(
     rng: np.random.Generator,
     anat: _Anatomy,
@@ -189,86 +309,14 @@ def _draw_lesions(
     """Draw one 3D lesion per requested subtype, in its typical form and place."""
     heights = _slice_heights(anat, n_slices)
     lesions: list[_Lesion] = []
-    s = anat.scale
     for subtype in subtypes:
         hu = rng.uniform(58.0, 80.0)
-        if subtype in ("EDH", "SDH"):
-            is_edh = subtype == "EDH"
-            zc = _pick_slice(rng, heights, 0.3, 0.8)
-            lesions.append(
-                _ExtraAxial(
-                    subtype=subtype,
-                    zc=zc,
-                    rz=_lesion_extent(rng, n_slices, 0.06, 0.12),
-                    hu=hu,
-                    angle=rng.uniform(-math.pi, math.pi),
-                    half_arc=rng.uniform(0.28, 0.5) if is_edh else rng.uniform(0.7, 1.2),
-                    thickness_mm=max(
-                        (rng.uniform(8.0, 20.0) if is_edh else rng.uniform(4.0, 11.0)) * s,
-                        (3.0 if is_edh else 2.5) * spacing,
-                    ),
-                    drift=rng.uniform(-0.04, 0.04),
-                )
-            )
-        elif subtype == "IPH":
-            zc = _pick_slice(rng, heights, 0.35, 0.75)
-            angle = rng.uniform(-math.pi, math.pi)
-            inner = (
-                _dome_scale(float(np.interp(zc, np.arange(n_slices), heights))) * anat.semi_lr
-                - anat.scalp_mm
-                - anat.skull_front_back_mm
-            )
-            r = rng.uniform(0.15, 0.5) * inner
-            lesions.append(
-                _Parenchymal(
-                    subtype=subtype,
-                    zc=zc,
-                    rz=_lesion_extent(rng, n_slices, 0.04, 0.09),
-                    hu=hu,
-                    centre=(r * math.cos(angle), r * math.sin(angle)),
-                    radii=(
-                        max(rng.uniform(6.0, 17.0) * s, 3.0 * spacing),
-                        max(rng.uniform(5.0, 13.0) * s, 3.0 * spacing),
-                    ),
-                    orientation=rng.uniform(0, math.pi),
-                    oedema_mm=rng.uniform(2.0, 5.0),
-                    oedema_drop=rng.uniform(6.0, 10.0),
-                )
-            )
-        elif subtype == "IVH":
-            mid = (anat.vent_start + anat.vent_end) / 2
-            half = (anat.vent_end - anat.vent_start) / 2
-            zc = _pick_slice(rng, heights, mid - 0.5 * half, mid + 0.5 * half)
-            sides = (0, 1) if rng.random() < 0.4 else (int(rng.integers(0, 2)),)
-            cast = rng.random() < 0.3
-            lesions.append(
-                _Intraventricular(
-                    subtype=subtype,
-                    zc=zc,
-                    rz=_lesion_extent(rng, n_slices, 0.05, 0.1),
-                    hu=hu,
-                    sides=sides,
-                    level=1.0 if cast else rng.uniform(0.25, 0.6),
-                )
-            )
-        elif subtype == "SAH":
-            zc = _pick_slice(rng, heights, 0.35, 0.8)
-            lesions.append(
-                _Subarachnoid(
-                    subtype=subtype,
-                    zc=zc,
-                    rz=_lesion_extent(rng, n_slices, 0.05, 0.1),
-                    hu=rng.uniform(55.0, 75.0),
-                    angle=rng.uniform(-math.pi, math.pi),
-                    half_arc=rng.uniform(0.4, 1.0),
-                    thickness_mm=max(rng.uniform(1.5, 3.0), 2.0 * spacing),
-                    gap_mm=anat.csf_gap_mm,
-                )
-            )
-        else:
+        draw = _DRAWERS.get(subtype)
+        if draw is None:
             raise ConfigError(
                 f"unknown ICH subtype {subtype!r}; expected one of {', '.join(SUBTYPES)}."
             )
+        lesions.append(draw(rng, anat, heights, n_slices, spacing, subtype, hu))
     return lesions
 
 
