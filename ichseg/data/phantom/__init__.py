@@ -21,7 +21,7 @@ the skull. Masks and labels are consistent by construction, and every patient is
 the same first patients as a larger one.
 
 Modules: ``plan`` (what to generate), ``anatomy`` (the head), ``lesions`` (ICH by subtype),
-``render`` (HU volumes), ``images`` (NIfTI and JPG files), ``write`` (the release on disk). The
+``structures`` (fissure, ventricles, skull base), ``render`` (HU volumes), ``images`` (NIfTI and JPG files), ``write`` (the release on disk). The
 command line is :mod:`ichseg.cli.phantom`::
 
     python -m ichseg.data.phantom OUT --release nifti --patients 6 --slices 10 --size 128 --seed 0

@@ -35,6 +35,13 @@ from ichseg.data.phantom.plan import (
     _P_SECOND_SUBTYPE,
     _PRIMARY_WEIGHTS,
 )
+from ichseg.data.phantom.structures import (
+    _calcifications,
+    _deep_grey,
+    _fissure,
+    _skull_base,
+    _ventricles,
+)
 from ichseg.errors import ConfigError
 
 MIN_LESION_PIXELS = 12  # lesion pieces smaller than this (per slice) are dropped
@@ -127,55 +134,15 @@ def _render_head(
     sp = grid.spacing
 
     # Layers from outside in: scalp, skull (thicker where the cut is tangential), intracranial.
-    skin = dome * grid.radius
-    skull_out = skin - max(anat.scalp_mm, 1.2 * sp)
-    oblique = 1.0 + 1.5 * max(0.0, t - 0.8) / 0.2
-    base = max(0.0, (0.22 - t) / 0.22)  # 0 above the skull base, up to 1 at its bottom
-    thickness = grid.skull * oblique
-    if base > 0.0:
-        thickness = thickness + anat.orbit_roof_mm * base * grid.front_weight
-    d = skull_out - thickness - grid.rho
+    skull_out, thickness, d, base, skull = _paint_shell(anat, grid, t, dome, img, tissue)
     intracranial = d >= 0.0
-    scalp = (grid.rho <= skin) & (grid.rho > skull_out)
-    skull = (grid.rho <= skull_out) & ~intracranial
-    np.copyto(img, anat.hu_scalp, where=scalp)
-    tissue[scalp] = Tissue.SCALP
-    w = np.clip(-d / thickness, 0.0, 1.0)
-    bone = anat.hu_diploe + (anat.hu_table - anat.hu_diploe) * (2.0 * w - 1.0) ** 2
-    np.copyto(img, bone, where=skull)
-    tissue[skull] = Tissue.BONE
 
     # Brain: grey cortex ribbon lining the surface, the sulci and the fissures; white matter inside.
     gap = max(anat.csf_gap_mm, 0.6 * sp)
     depth = d - gap
     parenchyma = intracranial & (depth >= 0.0)
-    cortex = max(anat.cortex_mm, 1.2 * sp) * (
-        1.0 + 0.25 * (grid.cortex[0] * math.cos(0.4 * k) + grid.cortex[1] * math.sin(0.4 * k))
-    )
-    bend = math.cos(0.3 * k) * grid.fine[0] + math.sin(0.3 * k) * grid.fine[1]
-    phase = grid.sulcus_phase + (0.35 * k) + 0.06 * depth + 1.6 * bend
-    arc = np.abs(phase - np.round(phase * (1 / (2 * math.pi))) * (2 * math.pi))
-    arc *= grid.rho * (1.0 / anat.sulcus_count)
-    variation = math.sin(0.3 * k) * grid.fine[0] - math.cos(0.3 * k) * grid.fine[1]
-    sulcus_depth = anat.sulcus_depth_mm * (0.65 + 0.35 * variation)
-    if t < 0.2:  # few sulci at the skull base
-        sulcus_depth *= max(t, 0.0) / 0.2
-    half_sulcus = np.maximum(anat.sulcus_width_mm * (0.75 + 0.35 * grid.fine[1]), 0.9 * sp) / 2
-    sulci = parenchyma & (arc < half_sulcus) & (depth < sulcus_depth)
-    grey = parenchyma & (
-        (depth < cortex) | ((arc < half_sulcus + cortex) & (depth < sulcus_depth + cortex))
-    )
-    sylvian = _bump(t, 0.28, 0.56)
-    if sylvian > 0.0:
-        half_width = max(anat.sylvian_width_mm, 1.2 * sp) / 2
-        reach = anat.sylvian_depth_mm * sylvian
-        near_surface = parenchyma & (depth < reach + cortex)
-        for sign in (-1.0, 1.0):  # a cleft from the temple inwards, bent forwards and wavy
-            c, s = math.cos(anat.sylvian_angle), sign * math.sin(anat.sylvian_angle)
-            ahead = grid.u * c + grid.v * s > 0.0
-            across = np.abs(grid.v * c - grid.u * s + 0.15 * sign * depth + 2.0 * bend)
-            sulci |= near_surface & ahead & (depth < reach) & (across < half_width)
-            grey |= near_surface & ahead & (across < half_width + cortex)
+    cortex, bend, sulci, grey = _cortex_and_sulci(anat, grid, k, t, depth, parenchyma)
+    _sylvian_fissures(anat, grid, t, depth, parenchyma, cortex, bend, sulci, grey)
 
     fissure = _fissure(anat, grid, t, parenchyma)
     half_fissure = max(anat.fissure_width_mm, 1.2 * sp) / 2
@@ -222,7 +189,101 @@ def _render_head(
         ventricles=ventricles,
     )
 
-    # Lesions (bleed overrides anatomy), perilesional oedema.
+    _paint_lesions(grid, sl, lesions, img, tissue, bits)
+
+    # Partial-volume rim inside the inner table (values pass through 50-150 HU over 1-2 pixels).
+    near = intracranial & (d < 5.0 * anat.rim_decay_px * sp)
+    img[near] += anat.rim_hu * np.exp(-d[near] / (anat.rim_decay_px * sp))
+
+    return _paint_fracture(grid, k, fracture, skull, skull_out, thickness, img, tissue)
+
+
+def _cortex_and_sulci(
+    anat: _Anatomy, grid: _Grid, k: int, t: float, depth: np.ndarray, parenchyma: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The cortex thickness, the sulci's bend field, the sulcus CSF and the grey-matter ribbon."""
+    sp = grid.spacing
+    cortex = max(anat.cortex_mm, 1.2 * sp) * (
+        1.0 + 0.25 * (grid.cortex[0] * math.cos(0.4 * k) + grid.cortex[1] * math.sin(0.4 * k))
+    )
+    bend = math.cos(0.3 * k) * grid.fine[0] + math.sin(0.3 * k) * grid.fine[1]
+    phase = grid.sulcus_phase + (0.35 * k) + 0.06 * depth + 1.6 * bend
+    arc = np.abs(phase - np.round(phase * (1 / (2 * math.pi))) * (2 * math.pi))
+    arc *= grid.rho * (1.0 / anat.sulcus_count)
+    variation = math.sin(0.3 * k) * grid.fine[0] - math.cos(0.3 * k) * grid.fine[1]
+    sulcus_depth = anat.sulcus_depth_mm * (0.65 + 0.35 * variation)
+    if t < 0.2:  # few sulci at the skull base
+        sulcus_depth *= max(t, 0.0) / 0.2
+    half_sulcus = np.maximum(anat.sulcus_width_mm * (0.75 + 0.35 * grid.fine[1]), 0.9 * sp) / 2
+    sulci = parenchyma & (arc < half_sulcus) & (depth < sulcus_depth)
+    grey = parenchyma & (
+        (depth < cortex) | ((arc < half_sulcus + cortex) & (depth < sulcus_depth + cortex))
+    )
+    return cortex, bend, sulci, grey
+
+
+def _paint_shell(
+    anat: _Anatomy, grid: _Grid, t: float, dome: float, img: np.ndarray, tissue: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, float, np.ndarray]:
+    """Scalp and skull of one slice; returns the skull's outer radius, its thickness, the distance
+    ``d`` inward from the inner table, the skull-base weight and the skull mask."""
+    sp = grid.spacing
+    skin = dome * grid.radius
+    skull_out = skin - max(anat.scalp_mm, 1.2 * sp)
+    oblique = 1.0 + 1.5 * max(0.0, t - 0.8) / 0.2
+    base = max(0.0, (0.22 - t) / 0.22)  # 0 above the skull base, up to 1 at its bottom
+    thickness = grid.skull * oblique
+    if base > 0.0:
+        thickness = thickness + anat.orbit_roof_mm * base * grid.front_weight
+    d = skull_out - thickness - grid.rho
+    intracranial = d >= 0.0
+    scalp = (grid.rho <= skin) & (grid.rho > skull_out)
+    skull = (grid.rho <= skull_out) & ~intracranial
+    np.copyto(img, anat.hu_scalp, where=scalp)
+    tissue[scalp] = Tissue.SCALP
+    w = np.clip(-d / thickness, 0.0, 1.0)
+    bone = anat.hu_diploe + (anat.hu_table - anat.hu_diploe) * (2.0 * w - 1.0) ** 2
+    np.copyto(img, bone, where=skull)
+    tissue[skull] = Tissue.BONE
+    return skull_out, thickness, d, base, skull
+
+
+def _sylvian_fissures(
+    anat: _Anatomy,
+    grid: _Grid,
+    t: float,
+    depth: np.ndarray,
+    parenchyma: np.ndarray,
+    cortex: np.ndarray,
+    bend: np.ndarray,
+    sulci: np.ndarray,
+    grey: np.ndarray,
+) -> None:
+    """Add the Sylvian fissures (CSF clefts lined with cortex) to ``sulci`` and ``grey``."""
+    sp = grid.spacing
+    sylvian = _bump(t, 0.28, 0.56)
+    if sylvian <= 0.0:
+        return
+    half_width = max(anat.sylvian_width_mm, 1.2 * sp) / 2
+    reach = anat.sylvian_depth_mm * sylvian
+    near_surface = parenchyma & (depth < reach + cortex)
+    for sign in (-1.0, 1.0):  # a cleft from the temple inwards, bent forwards and wavy
+        c, s = math.cos(anat.sylvian_angle), sign * math.sin(anat.sylvian_angle)
+        ahead = grid.u * c + grid.v * s > 0.0
+        across = np.abs(grid.v * c - grid.u * s + 0.15 * sign * depth + 2.0 * bend)
+        sulci |= near_surface & ahead & (depth < reach) & (across < half_width)
+        grey |= near_surface & ahead & (across < half_width + cortex)
+
+
+def _paint_lesions(
+    grid: _Grid,
+    sl: _Slice,
+    lesions: Sequence[_Lesion],
+    img: np.ndarray,
+    tissue: np.ndarray,
+    bits: np.ndarray,
+) -> None:
+    """Paint the lesions cut by this slice (bleed overrides anatomy) and perilesional oedema."""
     for lesion in lesions:
         mask = lesion.mask(grid, sl)
         if mask is None:
@@ -239,10 +300,18 @@ def _render_head(
         tissue[mask] = Tissue.BLEED
         bits[mask] |= np.uint8(1 << SUBTYPES.index(lesion.subtype))
 
-    # Partial-volume rim inside the inner table (values pass through 50-150 HU over 1-2 pixels).
-    near = intracranial & (d < 5.0 * anat.rim_decay_px * sp)
-    img[near] += anat.rim_hu * np.exp(-d[near] / (anat.rim_decay_px * sp))
 
+def _paint_fracture(
+    grid: _Grid,
+    k: int,
+    fracture: _Fracture | None,
+    skull: np.ndarray,
+    skull_out: np.ndarray,
+    thickness: np.ndarray,
+    img: np.ndarray,
+    tissue: np.ndarray,
+) -> bool:
+    """Cut the fracture's crack through the skull on its slices; True if this slice has one."""
     if fracture is None or k not in fracture.slices:
         return False
     across_bone = np.clip((skull_out - grid.rho) / thickness, 0.0, 1.0)
@@ -253,115 +322,6 @@ def _render_head(
     np.copyto(img, fracture.hu, where=crack)
     tissue[crack] = Tissue.SCALP
     return True
-
-
-def _fissure(anat: _Anatomy, grid: _Grid, t: float, parenchyma: np.ndarray) -> np.ndarray:
-    """Where the interhemispheric fissure runs on this slice (a band around the midline)."""
-    band = parenchyma & (np.abs(grid.midline) < 6.0)
-    if t < 0.2:
-        return np.zeros_like(parenchyma)
-    if t < anat.vent_start:
-        return band & (grid.u > 5.0)
-    if t < anat.vent_end:
-        reach = anat.vent_length_mm * (0.5 + 0.5 * _bump(t, anat.vent_start, anat.vent_end)) + 8.0
-        return band & (np.abs(grid.u - anat.vent_centre_mm) > reach)
-    return band
-
-
-def _ventricles(
-    anat: _Anatomy, grid: _Grid, t: float
-) -> tuple[list[np.ndarray], np.ndarray | None]:
-    """The two lateral ventricles (banana shapes beside the midline) and the third ventricle."""
-    size = _bump(t, anat.vent_start, anat.vent_end)
-    ventricles: list[np.ndarray] = []
-    if size > 0.0:
-        length = anat.vent_length_mm * (0.5 + 0.5 * size)
-        width = max(anat.vent_width_mm * math.sqrt(size), 1.5 * grid.spacing)
-        uc = grid.u - anat.vent_centre_mm
-        # Frontal horns close to the septum; bodies diverge backwards to the atria.
-        spread = anat.vent_bend * np.where(uc < 0.0, uc * uc, 0.15 * uc * uc)
-        for sign in (-1.0, 1.0):
-            centre_v = sign * (anat.vent_offset_mm + width + spread)
-            dist = (uc / length) ** 2 + ((grid.v - centre_v) / width) ** 2
-            ventricles.append(dist < 1.0)
-    third = None
-    third_size = _bump(t, anat.vent_start - 0.1, anat.vent_start + 0.03)
-    if third_size > 0.0:
-        half_width = max(1.2 * anat.scale, 0.8 * grid.spacing)
-        third = (np.abs(grid.v) < half_width) & (
-            np.abs(grid.u + 4.0 * anat.scale) < 11.0 * anat.scale
-        )
-    return ventricles, third
-
-
-def _deep_grey(anat: _Anatomy, grid: _Grid, t: float) -> np.ndarray | None:
-    """Basal ganglia and thalami: grey ellipses beside the ventricles in the middle slices."""
-    size = _bump(t, anat.vent_start - 0.08, anat.vent_start + 0.14)
-    if size <= 0.0:
-        return None
-    s = anat.scale * math.sqrt(size)
-    lentiform = ((grid.u - 8.0 * anat.scale) / (12.0 * s)) ** 2 + (
-        (np.abs(grid.v) - 18.0 * anat.scale) / (5.0 * s)
-    ) ** 2
-    thalamus = ((grid.u + 12.0 * anat.scale) / (9.0 * s)) ** 2 + (
-        (np.abs(grid.v) - 9.0 * anat.scale) / (6.5 * s)
-    ) ** 2
-    return (lentiform < 1.0) | (thalamus < 1.0)
-
-
-def _skull_base(
-    anat: _Anatomy,
-    grid: _Grid,
-    t: float,
-    base: float,
-    intracranial: np.ndarray,
-    img: np.ndarray,
-    tissue: np.ndarray,
-) -> None:
-    """Skull-base bone in the lowest slices: petrous ridges (wedges) and the clivus."""
-    s = anat.scale
-    bone = np.zeros_like(intracranial)
-    for sign in (-1.0, 1.0):  # petrous ridge: a wedge from its apex near the midline out backwards
-        p1 = np.array([-4.0 * s, sign * 9.0 * s])
-        p2 = np.array([-30.0 * s, sign * 50.0 * s])
-        seg = p2 - p1
-        h = np.clip(
-            ((grid.u - p1[0]) * seg[0] + (grid.v - p1[1]) * seg[1]) / float(seg @ seg), 0, 1
-        )
-        dist = np.hypot(grid.u - (p1[0] + h * seg[0]), grid.v - (p1[1] + h * seg[1]))
-        bone |= dist < (0.8 + 6.0 * h**1.5) * s * (0.4 + 0.6 * base)
-    if t < 0.12:
-        bone |= np.hypot((grid.u + 2.0 * s) / 1.6, grid.v) < 4.5 * s
-    bone &= intracranial
-    np.copyto(img, anat.hu_skull_base, where=bone)
-    tissue[bone] = Tissue.BONE
-
-
-def _calcifications(
-    anat: _Anatomy,
-    grid: _Grid,
-    t: float,
-    ventricles: list[np.ndarray],
-    img: np.ndarray,
-    tissue: np.ndarray,
-) -> None:
-    """Pineal gland (midline, behind the third ventricle) and choroid plexus calcifications."""
-    spots: list[tuple[float, float, float, float]] = []  # (u, v, radius, hu)
-    if anat.pineal is not None:
-        radius, hu, height = anat.pineal
-        if abs(t - height) < 0.04:
-            spots.append((-16.0 * anat.scale, 0.0, radius, hu))
-    if anat.choroid is not None and ventricles and _bump(t, anat.vent_start, anat.vent_end) > 0.6:
-        radius, hu = anat.choroid
-        u0 = -0.7 * anat.vent_length_mm
-        for sign in (-1.0, 1.0):
-            v0 = sign * (anat.vent_offset_mm + 0.8 * anat.vent_width_mm + anat.vent_bend * u0**2)
-            spots.append((anat.vent_centre_mm + u0, v0, radius, hu))
-    for u0, v0, radius, hu in spots:
-        spot = np.hypot(grid.u - u0, grid.v - v0) < max(radius, 1.0 * grid.spacing)
-        spot &= tissue != Tissue.BONE
-        np.copyto(img, hu, where=spot)
-        tissue[spot] = Tissue.CALCIFICATION
 
 
 # --------------------------------------------------------------------------------------------------
