@@ -20,9 +20,10 @@ the skull. Masks and labels are consistent by construction, and every patient is
 ``(seed, patient_id)``: the same arguments give byte-identical files, and a smaller phantom holds
 the same first patients as a larger one.
 
-Modules: ``plan`` (what to generate), ``anatomy`` (the head), ``lesions`` (ICH by subtype),
-``structures`` (fissure, ventricles, skull base), ``render`` (HU volumes), ``images`` (NIfTI and JPG files), ``write`` (the release on disk). The
-command line is :mod:`ichseg.cli.phantom`::
+Modules: ``plan`` (what to generate), ``anatomy`` (the head), ``structures`` (fissure,
+ventricles, skull base), ``lesions`` (ICH by subtype), ``render`` (HU volumes), ``images`` (NIfTI
+and JPG files), ``write`` (the release on disk, atomically). The command line is
+:mod:`ichseg.cli.phantom`::
 
     python -m ichseg.data.phantom OUT --release nifti --patients 6 --slices 10 --size 128 --seed 0
 
