@@ -13,7 +13,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ichseg.data.phantom import generate_phantom, make_head_volume
+from ichseg.data.ctich import SUBTYPES
+from ichseg.data.phantom import (
+    BONE_WINDOW,
+    BRAIN_WINDOW,
+    _window_u8,
+    generate_phantom,
+    make_head_volume,
+    plan,
+)
+from ichseg.data.windowing import WINDOWS, apply_window
 
 TREE_SHA256 = {
     "nifti": "8684f261db9467c024a82bed843623ffdbe58546e1772f3639c6cf3bc83f26c4",
@@ -57,3 +66,20 @@ def test_head_volume_of_a_fixed_seed_is_unchanged() -> None:
     ):
         digest.update(np.ascontiguousarray(array).tobytes())
     assert digest.hexdigest() == VOLUME_SHA256
+
+
+@pytest.mark.parametrize("name", sorted(WINDOWS))
+def test_jpg_windows_equal_the_earlier_phantom_formula(name: str) -> None:
+    """The JPG images go through apply_window; it equals the phantom's earlier formula on every
+    int16 HU value, for every window."""
+    hu = np.arange(-32768, 32768, dtype=np.int32).astype(np.int16)
+    level, width = WINDOWS[name].level, WINDOWS[name].width
+    earlier = np.clip(np.rint((hu - (level - width / 2)) / width * 255), 0, 255).astype(np.uint8)
+    np.testing.assert_array_equal(apply_window(hu, name, np.uint8), earlier)
+    np.testing.assert_array_equal(_window_u8(hu, level, width), earlier)
+
+
+def test_phantom_subtypes_are_the_datasets() -> None:
+    assert set(plan._PRIMARY_WEIGHTS) == set(SUBTYPES)
+    assert {s for subtypes, _, _ in plan._FIXED_PLANS.values() for s in subtypes} <= set(SUBTYPES)
+    assert BRAIN_WINDOW == (40.0, 120.0) and BONE_WINDOW == (700.0, 3200.0)
