@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
+from ichseg.cli import phantom as phantom_cli
 from ichseg.data import phantom
 from ichseg.data.phantom import (
     LABEL_COLUMNS,
@@ -28,6 +29,7 @@ from ichseg.data.phantom import (
     parse_slices,
     patient_ids,
 )
+from ichseg.data.phantom import write as phantom_write
 from ichseg.errors import ConfigError, DatasetError, IchsegError
 
 SIZE = 96
@@ -521,7 +523,7 @@ def test_failure_leaves_nothing_behind(tmp_path: Path, monkeypatch: pytest.Monke
     def boom(*args: object, **kwargs: object) -> None:
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(phantom, "_write_label_csv", boom)
+    monkeypatch.setattr(phantom_write, "_write_label_csv", boom)
     with pytest.raises(RuntimeError):
         generate_phantom(tmp_path / "out", n_patients=1, n_slices=2, size=64)
     assert list(tmp_path.iterdir()) == []
@@ -555,16 +557,16 @@ def test_cli_writes_a_phantom(tmp_path: Path, capsys: pytest.CaptureFixture[str]
 def test_cli_refuses_non_empty_output(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "cli"
     argv = [str(out), "--patients", "1", "--slices", "2", "--size", "64", "--no-progress"]
-    assert phantom.main(argv) == 0
+    assert phantom_cli.main(argv) == 0
     before = tree_digest(out)
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
-        phantom.main(argv)
+        phantom_cli.main(argv)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and str(out) in err and "error" in err
     assert tree_digest(out) == before
-    assert phantom.main([*argv, "--overwrite"]) == 0
+    assert phantom_cli.main([*argv, "--overwrite"]) == 0
 
 
 @pytest.mark.parametrize("slices", ["abc", "5-3", "0", "4-"])
@@ -572,7 +574,7 @@ def test_cli_rejects_bad_slices(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], slices: str
 ) -> None:
     with pytest.raises(SystemExit) as exit_info:
-        phantom.main([str(tmp_path / "out"), "--slices", slices, "--no-progress"])
+        phantom_cli.main([str(tmp_path / "out"), "--slices", slices, "--no-progress"])
     assert exit_info.value.code == 2
     assert "--slices" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()

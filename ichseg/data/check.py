@@ -1,4 +1,5 @@
-"""Check a CT-ICH release on disk: ``python -m ichseg.data.check ROOT``.
+"""Check a CT-ICH release on disk; the command is :mod:`ichseg.cli.check`
+(``python -m ichseg.data.check ROOT``).
 
 Decodes every scan once (one at a time) and prints a summary: release, patients, slices, ICH
 slices per subtype, image size and spacing, patients with ICH, demographics. Every problem found is
@@ -7,7 +8,6 @@ listed, one line each naming the file and what is wrong, and the exit status is 
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
@@ -17,7 +17,6 @@ import numpy as np
 
 from ichseg.data.ctich import SUBTYPES, CTICHDataset, Scan, index_dataset
 from ichseg.errors import DatasetError
-from ichseg.utils.cli import EXIT_USAGE, run_cli
 
 
 @dataclass
@@ -194,24 +193,10 @@ def _demographics_line(ages: list[float], genders: Counter) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point: print the report, exit 0 when clean and 2 on problems."""
-    parser = argparse.ArgumentParser(
-        prog="python -m ichseg.data.check",
-        description="Check a PhysioNet CT-ICH release (NIfTI 1.3.x or JPG 1.0-1.2) "
-        "and summarise it.",
-    )
-    parser.add_argument(
-        "root", type=Path, help="dataset root (the folder holding ct_scans/ or Patients_CT/)"
-    )
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    args = parser.parse_args(argv)
+    """Command-line entry point (the same as :func:`ichseg.cli.check.main`)."""
+    from ichseg.cli.check import main as cli_main
 
-    def run() -> int:
-        report = check_dataset(args.root, progress=not args.no_progress and sys.stderr.isatty())
-        print(report.format())
-        return 0 if report.ok else EXIT_USAGE
-
-    return run_cli(run, "ichseg.data.check")
+    return cli_main(argv)
 
 
 if __name__ == "__main__":

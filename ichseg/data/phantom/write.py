@@ -1,0 +1,335 @@
+"""Writing a phantom: both release layouts, the label and demographics CSVs, atomically.
+
+Files go to a temporary sibling folder renamed to the output at the end. See docs/phantom.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ichseg.data.ctich import LABEL_COLUMNS, SUBTYPE_COLUMNS
+from ichseg.data.phantom.images import (
+    _affine,
+    _write_nifti,
+    _write_patient_jpg,
+)
+from ichseg.data.phantom.plan import (
+    DEFAULT_SLICES,
+    _missing_bone,
+    _PatientPlan,
+    _plan_patient,
+    _validate,
+    parse_slices,
+    patient_ids,
+)
+from ichseg.data.phantom.render import make_head_volume
+from ichseg.errors import DatasetError
+
+_JPG_DEMOGRAPHICS_HEADER = (
+    "Patient Number",
+    "Age\n(years)",
+    "Gender",
+    *SUBTYPE_COLUMNS,
+    "Fracture (Yes/No)",
+    "Condition on file",
+    "Note",
+)
+_NIFTI_DEMOGRAPHICS_HEADER = (
+    "Patient Number",
+    "Age\n(years)",
+    "Gender",
+    "Hemorrhage type based on the radiologists diagnosis ",
+    "",
+    "",
+    "",
+    "",
+    "Fracture (yes 1/no 0)",
+    "Note1",
+)
+_NIFTI_DEMOGRAPHICS_SUBHEADER = ("", "", "", *SUBTYPE_COLUMNS, "", "")
+
+
+# --------------------------------------------------------------------------------------------------
+# Public records
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PhantomPatient:
+    """One written patient, with the ground truth a reader should get back from the files."""
+
+    patient_id: int  # e.g. 49
+    age: float  # years, may be fractional for infants
+    gender: str  # "Male" / "Female"
+    shape: tuple[int, int, int]  # (H, W, N) as written, slices on axis 2
+    subtypes: np.ndarray  # (N, 5) bool, order IVH, IPH, SAH, EDH, SDH (CSV column order)
+    fracture: np.ndarray  # (N,) bool
+    mask_pixels: np.ndarray  # (N,) int64 ICH pixels per slice in the written mask
+    spacing: tuple[float, float, float] | None  # mm (x, y, z); None for the jpg release
+    missing_bone_slices: tuple[int, ...]  # 1-based slices whose bone JPG was not written (jpg only)
+
+    @property
+    def n_slices(self) -> int:
+        """Number of slices."""
+        return self.shape[2]
+
+    @property
+    def has_ich(self) -> bool:
+        """Whether any slice of this patient has ICH."""
+        return bool(self.subtypes.any())
+
+
+@dataclass(frozen=True)
+class PhantomManifest:
+    """What :func:`generate_phantom` wrote: the root folder, the release and every patient."""
+
+    root: Path
+    release: str  # "nifti" or "jpg"
+    patients: tuple[PhantomPatient, ...]
+
+    @property
+    def n_slices(self) -> int:
+        """Slices over all patients."""
+        return sum(p.n_slices for p in self.patients)
+
+    @property
+    def n_ich_slices(self) -> int:
+        """Slices with any ICH over all patients."""
+        return sum(int(p.subtypes.any(axis=1).sum()) for p in self.patients)
+
+
+def _flag(value: bool) -> str:
+    return "1" if value else ""
+
+
+def _format_age(age: float) -> str:
+    return str(int(age)) if float(age).is_integer() else f"{age:g}"
+
+
+def _write_label_csv(path: Path, release: str, patients: Sequence[PhantomPatient]) -> None:
+    """The per-slice label CSV (9 columns); the jpg release's has a BOM and CRLF line endings."""
+    encoding, newline = ("utf-8-sig", "\r\n") if release == "jpg" else ("utf-8", "\n")
+    with open(path, "w", encoding=encoding, newline="") as handle:
+        writer = csv.writer(handle, lineterminator=newline)
+        writer.writerow(LABEL_COLUMNS)
+        for patient in patients:
+            for k in range(patient.n_slices):
+                row = patient.subtypes[k]
+                writer.writerow(
+                    [
+                        patient.patient_id,
+                        k + 1,
+                        *(int(x) for x in row),
+                        int(not row.any()),
+                        int(patient.fracture[k]),
+                    ]
+                )
+
+
+def _write_demographics(
+    path: Path, release: str, patients: Sequence[PhantomPatient], notes: dict[int, str]
+) -> None:
+    """The demographics CSV with each release's own header rows; flags are ``1`` or empty."""
+
+    def row(p: PhantomPatient) -> list[object]:
+        any_sub = p.subtypes.any(axis=0)
+        # the JPG release has a diagnosis column before the notes; the NIfTI release does not
+        diagnosis = ["Hemorrhage" if any_sub.any() else "No Hemorrhage"] if release == "jpg" else []
+        return [
+            p.patient_id,
+            _format_age(p.age),
+            p.gender,
+            *(_flag(x) for x in any_sub),
+            _flag(p.fracture.any()),
+            *diagnosis,
+            notes.get(p.patient_id, ""),
+        ]
+
+    with open(path, "w", encoding="utf-8", newline="") as handle:
+        if release == "jpg":
+            csv.writer(handle, lineterminator="\r\n", quoting=csv.QUOTE_ALL).writerow(
+                _JPG_DEMOGRAPHICS_HEADER
+            )
+            writer = csv.writer(handle, lineterminator="\r\n")
+        else:
+            writer = csv.writer(handle, lineterminator="\n")
+            writer.writerow(_NIFTI_DEMOGRAPHICS_HEADER)
+            writer.writerow(_NIFTI_DEMOGRAPHICS_SUBHEADER)
+        writer.writerows(row(p) for p in patients)
+
+
+def _write_patient(
+    root: Path,
+    release: str,
+    plan: _PatientPlan,
+    seed: int,
+    size: int,
+    missing_bone: tuple[int, ...],
+) -> PhantomPatient:
+    """Generate one patient (in memory) and write its files under ``root``."""
+    spacing = float(np.float32(round(plan.fov_mm / size, 6)))
+    thickness = float(np.float32(plan.slice_thickness_mm))
+    hu, mask, labels = make_head_volume(
+        np.random.default_rng([seed, plan.patient_id, 1]),
+        plan.n_slices,
+        size,
+        with_ich=bool(plan.subtypes),
+        spacing_mm=spacing,
+        age=plan.age,
+        subtypes=plan.subtypes,
+        fracture=plan.fracture,
+        calcifications=plan.calcifications,
+    )
+    name = f"{plan.patient_id:03d}"
+    flags = labels["subtypes"]
+    if release == "nifti":
+        affine = _affine(plan, size, spacing, thickness)
+        _write_nifti(root / "ct_scans" / f"{name}.nii", hu, affine)
+        _write_nifti(root / "masks" / f"{name}.nii", mask.astype(np.uint8), affine)
+        pixels = mask.sum(axis=(0, 1), dtype=np.int64)
+        spacing_xyz: tuple[float, float, float] | None = (spacing, spacing, thickness)
+    else:
+        pixels = _write_patient_jpg(
+            root / "Patients_CT" / name, hu, mask, labels["subtype_map"], flags, missing_bone
+        )
+        spacing_xyz = None
+    for array in (flags, labels["fracture"], pixels):
+        array.setflags(write=False)  # the manifest records what was written: keep it read-only
+    return PhantomPatient(
+        patient_id=plan.patient_id,
+        age=plan.age,
+        gender=plan.gender,
+        shape=(size, size, plan.n_slices),
+        subtypes=flags,
+        fracture=labels["fracture"],
+        mask_pixels=pixels,
+        spacing=spacing_xyz,
+        missing_bone_slices=missing_bone,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# generate_phantom: validation, temporary folder, rename
+# --------------------------------------------------------------------------------------------------
+
+_DATASET_ENTRIES = {
+    "ct_scans",
+    "masks",
+    "patients_ct",
+    "hemorrhage_diagnosis_raw_ct.csv",
+    "hemorrhage_diagnosis.csv",
+    "patient_demographics.csv",
+}
+
+
+def _check_target(out: Path, overwrite: bool) -> None:
+    """Refuse a non-empty OUT (unless overwrite) and, even then, one holding non-dataset files."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise DatasetError(f"{out} exists and is not a folder; choose another output path.", out)
+    entries = sorted(p.name for p in out.iterdir())
+    if not entries:
+        return
+    if not overwrite:
+        raise DatasetError(
+            f"{out} already exists and is not empty; pass --overwrite to replace it.",
+            out,
+        )
+    foreign = [e for e in entries if e.lower() not in _DATASET_ENTRIES]
+    if foreign:
+        raise DatasetError(
+            f"{out} holds files that are not part of a CT-ICH dataset (e.g. {foreign[0]!r}), "
+            f"so it is not overwritten; remove it yourself or choose another output path.",
+            out,
+        )
+
+
+@contextlib.contextmanager
+def _staging_folder(out: Path) -> Iterator[Path]:
+    """A temporary sibling folder of ``out``, removed if anything fails before it is renamed."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        yield staging
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _move_into_place(staging: Path, out: Path) -> None:
+    """Rename ``staging`` to ``out``, replacing an existing ``out`` (already checked) atomically."""
+    if not out.exists():
+        os.replace(staging, out)
+        return
+    trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+    try:
+        os.replace(out, trash / "old")
+        os.replace(staging, out)
+    finally:
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+def generate_phantom(
+    root: str | os.PathLike[str],
+    release: str = "nifti",
+    n_patients: int | None = None,
+    n_slices: int | str | tuple[int, int] = DEFAULT_SLICES,
+    size: int | None = None,
+    seed: int = 0,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> PhantomManifest:
+    """Write a synthetic CT-ICH dataset of ``release`` ("nifti" or "jpg") to ``root``.
+
+    ``n_patients`` defaults to the real count (75 NIfTI / 82 JPG), ``size`` to the real image size
+    (512 / 650). ``n_slices`` is a count or an inclusive (low, high) range drawn per patient.
+    Files are written into a temporary sibling folder renamed to ``root`` at the end; an existing
+    non-empty ``root`` is an error unless ``overwrite`` (and even then only if it holds nothing but
+    dataset files). Raises :class:`~ichseg.errors.IchsegError` subclasses on bad arguments.
+
+    Only one patient is in memory at a time. The manifest holds what a reader should get back.
+    """
+    n, s = _validate(release, n_patients, size)
+    slices = parse_slices(n_slices)
+    out = Path(root)
+    _check_target(out, overwrite)
+    ids = patient_ids(release, n)
+    plans = [_plan_patient(int(seed), i, pid, slices) for i, pid in enumerate(ids)]
+    missing = _missing_bone(plans) if release == "jpg" else {}
+
+    from tqdm.auto import tqdm
+
+    patients: list[PhantomPatient] = []
+    with _staging_folder(out) as staging:
+        if release == "nifti":
+            (staging / "ct_scans").mkdir()
+            (staging / "masks").mkdir()
+        else:
+            (staging / "Patients_CT").mkdir()
+        bar = tqdm(plans, desc=f"phantom ({release})", unit="patient", disable=not progress)
+        for plan in bar:
+            patients.append(
+                _write_patient(
+                    staging, release, plan, int(seed), s, missing.get(plan.patient_id, ())
+                )
+            )
+        notes = {plan.patient_id: plan.note for plan in plans}
+        if release == "nifti":
+            _write_label_csv(staging / "hemorrhage_diagnosis_raw_ct.csv", release, patients)
+            _write_demographics(staging / "Patient_demographics.csv", release, patients, notes)
+        else:
+            _write_label_csv(staging / "hemorrhage_diagnosis.csv", release, patients)
+            _write_demographics(staging / "patient_demographics.csv", release, patients, notes)
+        _check_target(out, overwrite)  # it may have appeared while we were writing
+        _move_into_place(staging, out)
+    return PhantomManifest(root=out, release=release, patients=tuple(patients))
