@@ -21,11 +21,12 @@ probabilities ``p = sigmoid(z)``:
 
 Usable on their own::
 
-    from ichseg.losses import DiceBCELoss
+    from ichseg.models.losses import DiceBCELoss
     loss = DiceBCELoss(dice_weight=1.0, bce_weight=1.0)
     value = loss(logits, masks)
 
-or from a config: ``model.loss={_target_: ichseg.losses.DiceBCELoss, dice_weight: 1.0}``.
+or from a config: ``model.loss={_target_: ichseg.models.losses.DiceBCELoss, dice_weight: 1.0}``
+(docs/recipes.md).
 """
 
 from __future__ import annotations
