@@ -10,12 +10,12 @@ fixed validation batch. Batches are dicts with ``image`` (B, C, H, W) float and 
 
 GPU options: ``channels_last`` memory format, ``compile`` (``torch.compile`` of the network's
 forward, the weights stay under ``net.``), and any Lightning ``precision`` (e.g. ``bf16-mixed``).
+docs/training.md.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from functools import partial
 from typing import Any
 
@@ -27,8 +27,9 @@ from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 from torchmetrics import MetricCollection
 from torchmetrics.classification import BinaryF1Score, BinaryJaccardIndex
 
-from ichseg.errors import IchsegError
-from ichseg.utils.overlay import overlay_grid
+from ichseg.errors import ConfigError, IchsegError
+from ichseg.lit.callbacks.images import keep_overlay_batch, log_overlay_grid
+from ichseg.utils.plain import to_plain
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], Optimizer]
 SchedulerFactory = Callable[[Optimizer], LRScheduler]
@@ -55,7 +56,8 @@ class ICHSegmentationModule(pl.LightningModule):
         scheduler: a partial taking the optimiser, or None.
         scheduler_interval: "step" or "epoch".
         loss: a loss module on (logits, target); default ``BCEWithLogitsLoss(pos_weight)``.
-        pos_weight: weight of the positive (ICH) pixels in the default BCE.
+        pos_weight: weight of the positive (ICH) pixels in the default BCE; refused together with
+            ``loss`` (a loss module takes its own, e.g. ``DiceBCELoss(pos_weight=...)``).
         threshold: probability threshold for the validation metrics.
         image_log_every_n_epochs: log the overlay grid of a fixed validation batch this often
             (0: never).
@@ -96,6 +98,11 @@ class ICHSegmentationModule(pl.LightningModule):
                 f"scheduler_interval must be 'step' or 'epoch', not {scheduler_interval!r}"
             )
         self.scheduler_interval = scheduler_interval
+        if loss is not None and pos_weight is not None:
+            raise ConfigError(
+                f"model.pos_weight={pos_weight} applies to the default BCE only, not to the "
+                "configured model.loss: set the loss's own pos_weight (model.loss.pos_weight)"
+            )
         if loss is None:
             weight = None if pos_weight is None else torch.tensor([float(pos_weight)])
             loss = nn.BCEWithLogitsLoss(pos_weight=weight)
@@ -216,7 +223,7 @@ class ICHSegmentationModule(pl.LightningModule):
     # ------------------------------------------------------------------ checkpoints
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["ichseg"] = _plain(self.meta)
+        checkpoint["ichseg"] = to_plain(self.meta)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.meta = dict(checkpoint.get("ichseg", {}))
@@ -225,43 +232,3 @@ class ICHSegmentationModule(pl.LightningModule):
             int(checkpoint.get("epoch", 0)),
             int(checkpoint.get("global_step", 0)),
         )
-
-
-def keep_overlay_batch(module: Any, batch: Mapping[str, torch.Tensor]) -> None:
-    """Keep the first ``image_log_samples`` images and masks of ``batch`` on the CPU as the fixed
-    validation batch of the overlay grid, unless one is kept already."""
-    if module._fixed_val_batch is None:
-        count = module.image_log_samples
-        module._fixed_val_batch = {
-            "image": batch["image"][:count].detach().cpu(),
-            "mask": batch["mask"][:count].detach().cpu(),
-        }
-
-
-def log_overlay_grid(module: Any) -> None:
-    """Every ``image_log_every_n_epochs`` epochs, log the fixed validation batch to TensorBoard:
-    input | truth | prediction. ``module`` has ``_fixed_val_batch``, ``threshold`` and
-    ``predict_probabilities`` (the network module and the threshold baseline both do)."""
-    every = module.image_log_every_n_epochs
-    if not every or module.current_epoch % every or module._fixed_val_batch is None:
-        return
-    experiment = getattr(module.logger, "experiment", None)
-    if not hasattr(experiment, "add_image") or module.global_rank != 0:
-        return
-    images = module._fixed_val_batch["image"].to(module.device)
-    probabilities = module.predict_probabilities(images).cpu()
-    grid = overlay_grid(images, module._fixed_val_batch["mask"], probabilities > module.threshold)
-    experiment.add_image("val/overlay (input | truth | prediction)", grid, module.global_step)
-
-
-def _plain(value: Any) -> Any:
-    """Reduce a config to JSON-like data so checkpoints load with ``weights_only=True``."""
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
-        return [_plain(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    return str(value)
