@@ -57,9 +57,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
-    from ichseg.data.datamodule import CTICHDataModule
-    from ichseg.data.phantom import generate_phantom
-    from ichseg.models.threshold import (
+    from ichseg.baselines.threshold import (
         LOWER_RANGE,
         UPPER_RANGE,
         naive_threshold_search,
@@ -67,6 +65,8 @@ def main() -> None:
         search_thresholds,
         store_histograms,
     )
+    from ichseg.data.datamodule import CTICHDataModule
+    from ichseg.data.phantom import generate_phantom
 
     temporary = None
     root = args.root
