@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from ichseg.errors import ConfigError, first_line
-from ichseg.models.threshold import IntensityBand
+from ichseg.models.intensity_band import IntensityBand
 from ichseg.models.unet import UNet
 from ichseg.specs import InferenceSpec, InputSpec
 from ichseg.utils.atomic import atomic_path
@@ -45,6 +45,7 @@ SUPPORTED_VERSIONS: tuple[int, ...] = (1, 2)
 ALLOWED_NETS: dict[str, type[nn.Module]] = {
     "ichseg.models.UNet": UNet,
     "ichseg.models.unet.UNet": UNet,
+    "ichseg.models.intensity_band.IntensityBand": IntensityBand,
     "ichseg.models.threshold.IntensityBand": IntensityBand,
 }
 

@@ -1,4 +1,5 @@
-"""Soft Dice and Dice + BCE against values computed by hand, and selection from the config."""
+"""Soft Dice and Dice + BCE against values computed by hand, selection from the config (new and
+earlier ``_target_`` names), and the one pos_weight."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from ichseg.losses import DiceBCELoss, SoftDiceLoss, soft_dice
-from ichseg.module import ICHSegmentationModule
+from ichseg.errors import ConfigError
+from ichseg.lit.segmentation import ICHSegmentationModule
+from ichseg.models.losses import DiceBCELoss, SoftDiceLoss, soft_dice
 
 LN3 = math.log(3.0)
 
@@ -81,13 +83,20 @@ def test_bad_arguments():
         soft_dice(torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 2, 3))
 
 
-def test_loss_is_selected_from_the_config():
+@pytest.mark.parametrize(
+    ("module_target", "loss_target"),
+    [
+        ("ichseg.lit.segmentation.ICHSegmentationModule", "ichseg.models.losses.DiceBCELoss"),
+        ("ichseg.module.ICHSegmentationModule", "ichseg.losses.DiceBCELoss"),  # earlier names
+    ],
+)
+def test_loss_is_selected_from_the_config(module_target, loss_target):
     cfg = OmegaConf.create(
         {
-            "_target_": "ichseg.module.ICHSegmentationModule",
+            "_target_": module_target,
             "net": {"_target_": "ichseg.models.UNet", "base_filters": 4, "depth": 2},
             "loss": {
-                "_target_": "ichseg.losses.DiceBCELoss",
+                "_target_": loss_target,
                 "dice_weight": 1.0,
                 "pos_weight": 2.0,
             },
@@ -101,3 +110,14 @@ def test_loss_is_selected_from_the_config():
     batch = {"image": torch.rand(2, 1, 16, 16), "mask": (torch.rand(2, 1, 16, 16) > 0.9).float()}
     module.log = lambda *args, **kwargs: None  # outside a Trainer
     assert torch.isfinite(module.training_step(batch, 0))
+
+
+def test_pos_weight_beside_a_loss_module_is_refused():
+    from ichseg.models import UNet
+
+    net = UNet(base_filters=4, depth=2)
+    with pytest.raises(ConfigError, match=r"model.pos_weight=3.0 applies to the default BCE only"):
+        ICHSegmentationModule(net, loss=DiceBCELoss(), pos_weight=3.0)
+    weighted = ICHSegmentationModule(net, pos_weight=3.0)  # the default BCE takes it
+    assert float(weighted.loss.pos_weight) == 3.0
+    assert ICHSegmentationModule(net, loss=DiceBCELoss(pos_weight=3.0)).loss.pos_weight == 3.0

@@ -392,6 +392,7 @@ def test_allow_list_never_imports(tmp_path, tiny_state_dict, monkeypatch):
     assert set(ALLOWED_NETS) == {
         "ichseg.models.UNet",
         "ichseg.models.unet.UNet",
+        "ichseg.models.intensity_band.IntensityBand",
         "ichseg.models.threshold.IntensityBand",
     }
 

@@ -15,7 +15,7 @@ import torch
 from omegaconf import OmegaConf
 from test_train import TINY, compose_train
 
-from ichseg.losses import DiceBCELoss
+from ichseg.models.losses import DiceBCELoss
 from ichseg.predict import load_predictor
 from ichseg.specs import InputSpec
 from ichseg.train import compose_config, train
@@ -43,7 +43,7 @@ def test_plus_experiments_compose_with_nine_input_channels(experiment, tmp_path)
     assert data["channels"] == ["brain", "subdural", "bone"] and data["context_slices"] == 1
     assert model["net"]["in_channels"] == 9
     assert data["undersampling"] == "oversample" and data["foreground_fraction"] == 0.33
-    assert model["loss"]["_target_"] == "ichseg.losses.DiceBCELoss"
+    assert model["loss"]["_target_"] == "ichseg.models.losses.DiceBCELoss"
     assert model["net"]["head"] == "conv1x1" and model["optimizer"]["lr"] == 1e-3
     assert stitched["tune_on_val"] is True
     assert (data["mode"], data["working_size"]) == (experiment.removesuffix("_plus"), 640)

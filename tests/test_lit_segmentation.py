@@ -10,8 +10,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from ichseg.lit.segmentation import ICHSegmentationModule, NonFiniteLossError, inverse_time_decay
 from ichseg.models import UNet
-from ichseg.module import ICHSegmentationModule, NonFiniteLossError, inverse_time_decay
 
 
 class SquaresDataset(Dataset):

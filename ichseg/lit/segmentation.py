@@ -1,0 +1,234 @@
+"""The LightningModule: any segmentation network trained with sigmoid BCE, logged to TensorBoard.
+
+``ICHSegmentationModule`` wraps an ``nn.Module`` that maps (B, C, H, W) images to (B, 1, H, W)
+logits. It trains with ``BCEWithLogitsLoss`` (optionally positive-weighted, or any loss module),
+builds its optimiser and scheduler from partials (the paper: Adam, lr 1e-5, Keras inverse-time
+decay), and logs ``train/loss``, ``val/loss``, ``val/jaccard`` and ``val/dice`` (pooled over all
+validation pixels, from torchmetrics on integer tensors) plus, every few epochs, a picture grid of a
+fixed validation batch. Batches are dicts with ``image`` (B, C, H, W) float and ``mask``
+(B, 1, H, W) float in {0, 1}.
+
+GPU options: ``channels_last`` memory format, ``compile`` (``torch.compile`` of the network's
+forward, the weights stay under ``net.``), and any Lightning ``precision`` (e.g. ``bf16-mixed``).
+docs/training.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from functools import partial
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LambdaLR, LRScheduler
+from torchmetrics import MetricCollection
+from torchmetrics.classification import BinaryF1Score, BinaryJaccardIndex
+
+from ichseg.errors import ConfigError, IchsegError
+from ichseg.lit.callbacks.images import keep_overlay_batch, log_overlay_grid
+from ichseg.utils.plain import to_plain
+
+OptimizerFactory = Callable[[Iterable[nn.Parameter]], Optimizer]
+SchedulerFactory = Callable[[Optimizer], LRScheduler]
+
+
+class NonFiniteLossError(IchsegError):
+    """The training loss became NaN or infinite."""
+
+
+def inverse_time_decay(optimizer: Optimizer, decay: float) -> LambdaLR:
+    """Keras' per-step learning-rate decay: ``lr_t = lr / (1 + decay * step)``.
+
+    The paper's code used ``decay = lr / epochs``. Step it every optimiser step.
+    """
+    return LambdaLR(optimizer, lambda step: 1.0 / (1.0 + decay * step))
+
+
+class ICHSegmentationModule(pl.LightningModule):
+    """Binary ICH segmentation with any network that returns logits.
+
+    Args:
+        net: the network, (B, C, H, W) -> (B, 1, H, W) logits.
+        optimizer: a partial taking the parameters (default: Adam, lr 1e-5, as the paper).
+        scheduler: a partial taking the optimiser, or None.
+        scheduler_interval: "step" or "epoch".
+        loss: a loss module on (logits, target); default ``BCEWithLogitsLoss(pos_weight)``.
+        pos_weight: weight of the positive (ICH) pixels in the default BCE; refused together with
+            ``loss`` (a loss module takes its own, e.g. ``DiceBCELoss(pos_weight=...)``).
+        threshold: probability threshold for the validation metrics.
+        image_log_every_n_epochs: log the overlay grid of a fixed validation batch this often
+            (0: never).
+        image_log_samples: samples in that grid.
+        channels_last: run the network in channels-last memory format (faster convolutions on GPUs).
+        compile: ``torch.compile`` the network's forward.
+        check_finite_loss: stop with a clear error when the training loss is NaN or infinite.
+        meta: plain-data description of the run (model and preprocessing config) stored in every
+            checkpoint under ``"ichseg"``, so that prediction can rebuild the network and its
+            inputs.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        optimizer: OptimizerFactory | None = None,
+        scheduler: SchedulerFactory | None = None,
+        scheduler_interval: str = "step",
+        loss: nn.Module | None = None,
+        pos_weight: float | None = None,
+        threshold: float = 0.5,
+        image_log_every_n_epochs: int = 5,
+        image_log_samples: int = 8,
+        channels_last: bool = False,
+        compile: bool = False,
+        check_finite_loss: bool = True,
+        meta: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(
+            ignore=["net", "optimizer", "scheduler", "loss", "meta"], logger=False
+        )
+        self.net = net
+        self.optimizer_factory = optimizer or partial(torch.optim.Adam, lr=1e-5)
+        self.scheduler_factory = scheduler
+        if scheduler_interval not in ("step", "epoch"):
+            raise ValueError(
+                f"scheduler_interval must be 'step' or 'epoch', not {scheduler_interval!r}"
+            )
+        self.scheduler_interval = scheduler_interval
+        if loss is not None and pos_weight is not None:
+            raise ConfigError(
+                f"model.pos_weight={pos_weight} applies to the default BCE only, not to the "
+                "configured model.loss: set the loss's own pos_weight (model.loss.pos_weight)"
+            )
+        if loss is None:
+            weight = None if pos_weight is None else torch.tensor([float(pos_weight)])
+            loss = nn.BCEWithLogitsLoss(pos_weight=weight)
+        self.loss = loss
+        self.threshold = threshold
+        self.image_log_every_n_epochs = image_log_every_n_epochs
+        self.image_log_samples = image_log_samples
+        self.channels_last = channels_last
+        self.check_finite_loss = check_finite_loss
+        self.meta = dict(meta or {})
+        self.val_metrics = MetricCollection(
+            {"jaccard": BinaryJaccardIndex(), "dice": BinaryF1Score()}, prefix="val/"
+        )
+        self.test_metrics = self.val_metrics.clone(prefix="test/")
+        self._compiled_forward: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self._compile = compile
+        self._fixed_val_batch: dict[str, torch.Tensor] | None = None
+
+    # ------------------------------------------------------------------ forward
+
+    def setup(self, stage: str) -> None:
+        if self.channels_last:
+            self.net.to(memory_format=torch.channels_last)
+        if self._compile and self._compiled_forward is None:
+            # not registered as a submodule: checkpoints keep the plain "net." weight names
+            object.__setattr__(self, "_compiled_forward", torch.compile(self.net))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits (B, 1, H, W) for images (B, C, H, W)."""
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        if self._compiled_forward is not None:
+            return self._compiled_forward(images)
+        return self.net(images)
+
+    @torch.no_grad()
+    def predict_probabilities(self, images: torch.Tensor) -> torch.Tensor:
+        """Sigmoid probabilities (B, 1, H, W) in float32."""
+        return torch.sigmoid(self(images).float())
+
+    # ------------------------------------------------------------------ steps
+
+    def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        logits = self(batch["image"])
+        loss = self.loss(logits.float(), batch["mask"].float())
+        if self.check_finite_loss and not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"the training loss is {loss.item()} at epoch {self.current_epoch}, "
+                f"step {self.global_step} "
+                f"(batch {batch_idx}); lower the learning rate or check the input data"
+            )
+        self.log(
+            "train/loss",
+            loss,
+            on_step=True,
+            on_epoch=True,
+            prog_bar=True,
+            sync_dist=True,
+            batch_size=len(logits),
+        )
+        return loss
+
+    def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> None:
+        logits = self(batch["image"])
+        target = batch["mask"]
+        loss = self.loss(logits.float(), target.float())
+        self.log(
+            "val/loss", loss, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=len(logits)
+        )
+        predicted = (torch.sigmoid(logits.float()) > self.threshold).int()
+        self.val_metrics.update(predicted, target.int())
+        if batch_idx == 0:
+            keep_overlay_batch(self, batch)
+
+    def on_validation_epoch_start(self) -> None:
+        # fresh metric states in the current grad mode (a `validate` before `fit` leaves
+        # inference-mode tensors behind)
+        self.val_metrics.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        self.log_dict(self.val_metrics.compute(), prog_bar=True, sync_dist=True)
+        self.val_metrics.reset()
+        if not self.trainer.sanity_checking:
+            self._log_overlay_grid()
+
+    def test_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> None:
+        """Window-level test metrics (``test/loss``, ``test/jaccard``, ``test/dice``)."""
+        logits = self(batch["image"])
+        target = batch["mask"]
+        loss = self.loss(logits.float(), target.float())
+        self.log("test/loss", loss, on_epoch=True, sync_dist=True, batch_size=len(logits))
+        self.test_metrics.update(
+            (torch.sigmoid(logits.float()) > self.threshold).int(), target.int()
+        )
+
+    def on_test_epoch_start(self) -> None:
+        self.test_metrics.reset()
+
+    def on_test_epoch_end(self) -> None:
+        self.log_dict(self.test_metrics.compute(), sync_dist=True)
+        self.test_metrics.reset()
+
+    def _log_overlay_grid(self) -> None:
+        log_overlay_grid(self)
+
+    # ------------------------------------------------------------------ optimisation
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(self.net.parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer)
+        config: dict[str, Any] = {"scheduler": scheduler, "interval": self.scheduler_interval}
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            config["monitor"] = "val/loss"
+        return {"optimizer": optimizer, "lr_scheduler": config}
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["ichseg"] = to_plain(self.meta)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.meta = dict(checkpoint.get("ichseg", {}))
+        #: (epoch, global_step) at which the loaded weights were saved (named in reports).
+        self.loaded_position = (
+            int(checkpoint.get("epoch", 0)),
+            int(checkpoint.get("global_step", 0)),
+        )
