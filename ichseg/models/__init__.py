@@ -25,9 +25,8 @@ def __getattr__(name: str) -> Any:
         from ichseg.baselines.threshold import fit_thresholds
 
         return fit_thresholds
-    if name in _MOVED:
-        raise AttributeError(
-            f"ichseg.models.{name} is a LightningModule and ichseg.models does not import "
-            f"Lightning: from {_MOVED[name]} import {name} (or ichseg.models.threshold)"
-        )
+    if name in _MOVED:  # a LightningModule under its earlier name: Lightning loads on first use
+        import importlib
+
+        return getattr(importlib.import_module(_MOVED[name]), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
