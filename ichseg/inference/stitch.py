@@ -6,7 +6,7 @@ pixel, the sum of the probabilities of the windows covering it divided by their 
 
 :func:`stitch` does exactly that for one or more slices ``(B, C, H, W)``:
 
-* the grid is :func:`ichseg.data.patches.make_grid` (any slice size; when the stride does not divide
+* the grid is :func:`ichseg.data.tiles.make_grid` (any slice size; when the stride does not divide
   the slice the last window of each row and column is flush with the far edge, e.g. 512 with
   160/80 -> starts 0, 80, ..., 320, 352);
 * every window is addressed by index arithmetic: window id -> (slice, grid position) -> the flat
@@ -50,7 +50,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from ichseg.data.patches import check_context_slices, make_grid
+from ichseg.data.tiles import check_context_slices, make_grid
 from ichseg.data.windowing import from_working_size
 from ichseg.errors import ConfigError
 
@@ -200,7 +200,7 @@ def context_index(slice_ids: torch.Tensor, context_slices: int, n_slices: int) -
     """``(n, 2k + 1)``: slices ``s - k .. s + k`` around each of ``slice_ids`` (``k`` =
     ``context_slices``), clamped to ``0 .. n_slices - 1`` (one volume: its ends repeated).
 
-    The same rule as the training data's :func:`ichseg.data.patches.context_rows`.
+    The same rule as the training data's :func:`ichseg.data.tiles.context_rows`.
     """
     k = check_context_slices(context_slices)
     offsets = torch.arange(-k, k + 1, device=slice_ids.device, dtype=slice_ids.dtype)
