@@ -1,4 +1,4 @@
-"""Benchmark: the training-data pipeline (windows, undersampling, augmentation, batches).
+"""Benchmark: the training-data pipeline (tiles, undersampling, augmentation, batches).
 
 Generates a full-size phantom NIfTI release (75 patients, 30-40 slices of 512x512; ``--small``: 12
 patients of 16 slices) in a temporary folder, unless ``--root`` points at a release, and prints:
@@ -94,7 +94,7 @@ def memory_child(args: argparse.Namespace) -> None:
     """Set up the DataModule and iterate training batches with workers; print JSON measurements."""
     import gc
 
-    from ichseg.data.datamodule import CTICHDataModule
+    from ichseg.lit.datamodule import CTICHDataModule
 
     with PeakMemory() as monitor:
         start = time.perf_counter()
@@ -145,8 +145,8 @@ def throughput(root: Path, seconds: float) -> dict[str, float]:
     import numpy as np
     import torch
 
-    from ichseg.data.datamodule import CTICHDataModule
-    from ichseg.data.patches import crop_packed_windows, crop_windows
+    from ichseg.data.tiles import crop_packed_tiles, crop_tiles
+    from ichseg.lit.datamodule import CTICHDataModule
 
     torch.set_num_threads(1)
     cv2.setNumThreads(1)
@@ -159,15 +159,15 @@ def throughput(root: Path, seconds: float) -> dict[str, float]:
     def pipeline(batch: list[int]) -> None:
         dataset.__getitems__(batch)
 
-    windows_of = {i: dataset.windows(b) for i, b in enumerate(batches)}
+    windows_of = {i: dataset.tiles(b) for i, b in enumerate(batches)}
     images = {
         i: np.ascontiguousarray(
-            crop_windows(dataset.store.images, w, dataset.grid).transpose(0, 2, 3, 1)
+            crop_tiles(dataset.store.images, w, dataset.grid).transpose(0, 2, 3, 1)
         )
         for i, w in windows_of.items()
     }
     masks = {
-        i: crop_packed_windows(dataset.store.masks, w, dataset.grid) for i, w in windows_of.items()
+        i: crop_packed_tiles(dataset.store.masks, w, dataset.grid) for i, w in windows_of.items()
     }
     affine = dataset.augmentation.transform
 
