@@ -1,4 +1,4 @@
-"""Benchmark: the training-data pipeline (windows, undersampling, augmentation, batches).
+"""Benchmark: the training-data pipeline (tiles, undersampling, augmentation, batches).
 
 Generates a full-size phantom NIfTI release (75 patients, 30-40 slices of 512x512; ``--small``: 12
 patients of 16 slices) in a temporary folder, unless ``--root`` points at a release, and prints:
@@ -94,7 +94,7 @@ def memory_child(args: argparse.Namespace) -> None:
     """Set up the DataModule and iterate training batches with workers; print JSON measurements."""
     import gc
 
-    from ichseg.data.datamodule import CTICHDataModule
+    from ichseg.lit.datamodule import CTICHDataModule
 
     with PeakMemory() as monitor:
         start = time.perf_counter()
@@ -145,8 +145,8 @@ def throughput(root: Path, seconds: float) -> dict[str, float]:
     import numpy as np
     import torch
 
-    from ichseg.data.datamodule import CTICHDataModule
-    from ichseg.data.patches import crop_packed_windows, crop_windows
+    from ichseg.data.tiles import crop_packed_tiles, crop_tiles
+    from ichseg.lit.datamodule import CTICHDataModule
 
     torch.set_num_threads(1)
     cv2.setNumThreads(1)
@@ -159,15 +159,15 @@ def throughput(root: Path, seconds: float) -> dict[str, float]:
     def pipeline(batch: list[int]) -> None:
         dataset.__getitems__(batch)
 
-    windows_of = {i: dataset.windows(b) for i, b in enumerate(batches)}
+    windows_of = {i: dataset.tiles(b) for i, b in enumerate(batches)}
     images = {
         i: np.ascontiguousarray(
-            crop_windows(dataset.store.images, w, dataset.grid).transpose(0, 2, 3, 1)
+            crop_tiles(dataset.store.images, w, dataset.grid).transpose(0, 2, 3, 1)
         )
         for i, w in windows_of.items()
     }
     masks = {
-        i: crop_packed_windows(dataset.store.masks, w, dataset.grid) for i, w in windows_of.items()
+        i: crop_packed_tiles(dataset.store.masks, w, dataset.grid) for i, w in windows_of.items()
     }
     affine = dataset.augmentation.transform
 
@@ -207,7 +207,7 @@ def throughput(root: Path, seconds: float) -> dict[str, float]:
 # --------------------------------------------------------------------------- main
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small", action="store_true", help="a quick run on a 12-patient phantom")
     parser.add_argument("--root", type=Path, help="an existing CT-ICH release instead of a phantom")
@@ -224,91 +224,100 @@ def main() -> int:
     parser.add_argument("--keep", action="store_true", help="keep the generated phantom")
     parser.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--cache-dir", type=Path, default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def make_phantom(folder: Path, small: bool) -> Path:
+    """Generate the benchmark's NIfTI phantom into ``folder``; its root."""
+    from ichseg.data.phantom import generate_phantom
+
+    patients, slices = (12, 16) if small else (None, (30, 40))
+    start = time.perf_counter()
+    manifest = generate_phantom(
+        folder, release="nifti", n_patients=patients, n_slices=slices, seed=0
+    )
+    print(
+        f"phantom: {len(manifest.patients)} patients, {manifest.n_slices} slices of "
+        f"512x512 ({manifest.n_ich_slices} with ICH), generated in "
+        f"{time.perf_counter() - start:.0f} s"
+    )
+    return manifest.root
+
+
+def run_memory_child(args: argparse.Namespace, root: Path, cache_dir: Path) -> dict | None:
+    """The memory measurements from a fresh process (None, with its output printed, on failure)."""
+    command = [
+        sys.executable, __file__, "--memory-child", "--root", str(root),
+        "--workers", str(args.workers), "--batches", str(args.batches),
+    ]  # fmt: skip
+    if args.cache:
+        command += ["--cache-dir", str(cache_dir)]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        print(result.stdout + result.stderr, file=sys.stderr)
+        return None
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def result_rows(speed: dict, memory: dict, workers: int) -> list[tuple[str, str, str, bool | None]]:
+    """(measurement, value, target, met) rows of the report."""
+    return [
+        (
+            "augmented tiles/s per core (pipeline)",
+            f"{speed['pipeline_per_core']:.0f}",
+            f">= {TARGET_WINDOWS_PER_CORE:.0f}",
+            speed["pipeline_per_core"] >= TARGET_WINDOWS_PER_CORE,
+        ),
+        (
+            "albumentations Affine alone, tiles/s per core",
+            f"{speed['affine_per_core']:.0f}",
+            "",
+            None,
+        ),
+        (
+            "overhead ratio (pipeline / Affine alone, time per tile)",
+            f"{speed['overhead']:.2f}",
+            f"<= {TARGET_OVERHEAD}",
+            speed["overhead"] <= TARGET_OVERHEAD,
+        ),
+        (
+            f"peak memory, setup + {memory['windows']} tiles, {workers} workers (PSS sum)",
+            f"{memory['peak_pss_bytes'] / GB:.2f} GB",
+            f"<= {TARGET_PEAK_GB:.0f} GB",
+            memory["peak_pss_bytes"] <= TARGET_PEAK_GB * GB,
+        ),
+        ("  main process peak RSS", f"{memory['main_peak_rss_bytes'] / GB:.2f} GB", "", None),
+        (
+            f"  slice store: {memory['slices']} slices at 640x640 (images + masks)",
+            f"{memory['store_bytes'] / GB:.2f} GB",
+            "",
+            None,
+        ),
+        ("  DataModule setup time", f"{memory['setup_seconds']:.1f} s", "", None),
+        (
+            "  loader: tiles/s with workers (wall)",
+            f"{memory['windows'] / max(memory['iterate_seconds'], 1e-9):.0f}",
+            "",
+            None,
+        ),
+    ]
+
+
+def main() -> int:
+    args = parse_args()
     if args.memory_child:
         memory_child(args)
         return 0
-
     temporary = Path(tempfile.mkdtemp(prefix="ichseg-bench-"))
     try:
-        root = args.root
-        if root is None:
-            from ichseg.data.phantom import generate_phantom
-
-            patients, slices = (12, 16) if args.small else (None, (30, 40))
-            start = time.perf_counter()
-            manifest = generate_phantom(
-                temporary / "phantom", release="nifti", n_patients=patients, n_slices=slices, seed=0
-            )
-            root = manifest.root
-            print(
-                f"phantom: {len(manifest.patients)} patients, {manifest.n_slices} slices of "
-                f"512x512 ({manifest.n_ich_slices} with ICH), generated in "
-                f"{time.perf_counter() - start:.0f} s"
-            )
+        root = (
+            args.root if args.root is not None else make_phantom(temporary / "phantom", args.small)
+        )
         seconds = args.seconds if args.seconds is not None else (2.0 if args.small else 5.0)
-
-        command = [
-            sys.executable,
-            __file__,
-            "--memory-child",
-            "--root",
-            str(root),
-            "--workers",
-            str(args.workers),
-            "--batches",
-            str(args.batches),
-        ]
-        if args.cache:
-            command += ["--cache-dir", str(temporary / "cache")]
-        result = subprocess.run(command, capture_output=True, text=True, check=False)
-        if result.returncode != 0:
-            print(result.stdout + result.stderr, file=sys.stderr)
+        memory = run_memory_child(args, root, temporary / "cache")
+        if memory is None:
             return 1
-        memory = json.loads(result.stdout.strip().splitlines()[-1])
-
-        speed = throughput(root, seconds)
-        rows = [
-            (
-                "augmented windows/s per core (pipeline)",
-                f"{speed['pipeline_per_core']:.0f}",
-                f">= {TARGET_WINDOWS_PER_CORE:.0f}",
-                speed["pipeline_per_core"] >= TARGET_WINDOWS_PER_CORE,
-            ),
-            (
-                "albumentations Affine alone, windows/s per core",
-                f"{speed['affine_per_core']:.0f}",
-                "",
-                None,
-            ),
-            (
-                "overhead ratio (pipeline / Affine alone, time per window)",
-                f"{speed['overhead']:.2f}",
-                f"<= {TARGET_OVERHEAD}",
-                speed["overhead"] <= TARGET_OVERHEAD,
-            ),
-            (
-                f"peak memory, setup + {memory['windows']} windows, {args.workers} workers "
-                "(PSS sum)",
-                f"{memory['peak_pss_bytes'] / GB:.2f} GB",
-                f"<= {TARGET_PEAK_GB:.0f} GB",
-                memory["peak_pss_bytes"] <= TARGET_PEAK_GB * GB,
-            ),
-            ("  main process peak RSS", f"{memory['main_peak_rss_bytes'] / GB:.2f} GB", "", None),
-            (
-                f"  slice store: {memory['slices']} slices at 640x640 (images + masks)",
-                f"{memory['store_bytes'] / GB:.2f} GB",
-                "",
-                None,
-            ),
-            ("  DataModule setup time", f"{memory['setup_seconds']:.1f} s", "", None),
-            (
-                "  loader: windows/s with workers (wall)",
-                f"{memory['windows'] / max(memory['iterate_seconds'], 1e-9):.0f}",
-                "",
-                None,
-            ),
-        ]
+        rows = result_rows(throughput(root, seconds), memory, args.workers)
         width = max(len(r[0]) for r in rows)
         print(f"{'measurement'.ljust(width)}  {'value':>10}  {'target':>9}")
         for name, value, target, ok in rows:

@@ -81,7 +81,7 @@ class InputSpec:
     context_slices: int = 0
 
     def __post_init__(self) -> None:
-        from ichseg.data.patches import check_context_slices
+        from ichseg.data.tiles import check_context_slices
         from ichseg.data.windowing import get_window
 
         owner = "input spec"
@@ -112,7 +112,7 @@ class InputSpec:
     @property
     def in_channels(self) -> int:
         """Network input channels: ``len(channels) * (2 * context_slices + 1)``."""
-        from ichseg.data.patches import input_channels
+        from ichseg.data.tiles import input_channels
 
         return input_channels(len(self.channels), self.context_slices)
 
@@ -123,9 +123,9 @@ class InputSpec:
 
     @property
     def grid(self) -> Any:
-        """The :class:`~ichseg.data.patches.WindowGrid` of tiles on a working slice (one tile in
+        """The :class:`~ichseg.data.tiles.TileGrid` of tiles on a working slice (one tile in
         full-slice mode)."""
-        from ichseg.data.patches import make_grid
+        from ichseg.data.tiles import make_grid
 
         if self.mode == "full_slice":
             return make_grid(self.working_size, self.working_size, self.working_size)

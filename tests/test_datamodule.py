@@ -9,17 +9,20 @@ import pytest
 import torch
 
 from ichseg.data.ctich import open_dataset
-from ichseg.data.datamodule import CTICHDataModule, SliceStore, UndersampledWindowSampler
 from ichseg.data.folds import load_splits
 from ichseg.data.phantom import generate_phantom
+from ichseg.data.phantom_spec import PhantomSpec
+from ichseg.data.sampling import UndersampledTileSampler
+from ichseg.data.store import SliceStore
 from ichseg.data.windowing import to_working_size
 from ichseg.errors import ConfigError
+from ichseg.lit.datamodule import CTICHDataModule
 
 N_PATIENTS, N_SLICES = 10, 8
 # Phantom in-plane sizes: NIfTI 96 is resized to 128, JPG 130 is cropped to 128 (as 512 -> 640 and
 # 650 -> 640 for the real releases). Windows 32 / stride 16 give the paper's 7x7 grid on 128.
 PHANTOM_SIZE = {"nifti": 96, "jpg": 130}
-SMALL = {"working_size": 128, "window": 32, "stride": 16, "exclude": (), "batch_size": 16}
+SMALL = {"working_size": 128, "tile_size": 32, "tile_stride": 16, "exclude": (), "batch_size": 16}
 
 
 @pytest.fixture(scope="module")
@@ -108,8 +111,8 @@ def test_splits_file_is_reused(roots, tmp_path) -> None:
 def test_all_positive_windows_are_trained_and_negatives_follow_the_epoch(roots) -> None:
     module = make(roots)
     dataset, sampler = module.train_dataset()
-    assert isinstance(sampler, UndersampledWindowSampler)
-    counts = module.window_counts("train")
+    assert isinstance(sampler, UndersampledTileSampler)
+    counts = module.tile_counts("train")
     positives = set(np.flatnonzero(counts.reshape(-1) > 0).tolist())
     assert positives, "the phantom's training patients have ICH"
     epoch0 = sampler.epoch_indices(0)
@@ -124,7 +127,7 @@ def test_all_positive_windows_are_trained_and_negatives_follow_the_epoch(roots) 
     negative_rows = np.unique(negatives // 49)
     assert len(negatives) == 49 * len(negative_rows) <= 49 * len(module.cv_round.train)
     # and the ratio rule
-    ratio = make(roots, undersampling="ratio", negative_ratio=2.0)
+    ratio = make(roots, sampling="ratio", negative_ratio=2.0)
     _, ratio_sampler = ratio.train_dataset()
     assert len(ratio_sampler) == 3 * len(positives)
 
@@ -135,7 +138,7 @@ def test_full_slice_mode(roots) -> None:
     assert batch["image"].shape == (4, 1, 128, 128)
     assert (batch["window"] == -1).all()
     assert (batch["mask"].flatten(1).sum(dim=1) > 0).all()  # ICH slices only, by default
-    ich_slices = int((module.window_counts("train")[:, 0] > 0).sum())
+    ich_slices = int((module.tile_counts("train")[:, 0] > 0).sum())
     assert len(module.train_dataloader().dataset) == ich_slices
     everything = make(roots, mode="full_slice", train_slices="all")
     assert len(everything.train_dataloader().dataset) == len(everything.rows("train"))
@@ -200,8 +203,8 @@ def test_workers_give_the_same_windows_as_one_process(roots) -> None:
 def test_bad_options(roots) -> None:
     with pytest.raises(ConfigError, match="rotat"):
         CTICHDataModule(roots["nifti"], augmentation={"rotat": 3})
-    with pytest.raises(ConfigError, match="undersampling"):
-        CTICHDataModule(roots["nifti"], undersampling="some")
+    with pytest.raises(ConfigError, match="sampling"):
+        CTICHDataModule(roots["nifti"], sampling="some")
     with pytest.raises(ConfigError, match="fold 7"):
         make(roots, fold=7)
 
@@ -241,3 +244,108 @@ def test_lightning_fit_resamples_negatives_each_epoch(roots, tmp_path) -> None:
     trainer.fit(Module(), datamodule=module)
     assert set(seen) == {0, 1}
     assert len(seen[0]) == len(seen[1]) and seen[0] != seen[1]
+
+
+@pytest.mark.parametrize("release", ["nifti", "jpg"])
+def test_eval_scans_read_no_file(roots, release, tmp_path, monkeypatch) -> None:
+    expected = {s.patient_id: s for s in (*make(roots, release).eval_scans("val"),)}
+    for cache_dir in (None, tmp_path / "cache"):
+        module = make(roots, release, cache_dir=cache_dir)
+
+        def no_reading(patient_id):
+            raise AssertionError(f"evaluation read patient {patient_id} from disk")
+
+        monkeypatch.setattr(module.dataset, "load", no_reading)
+        for split in ("val", "test"):
+            scans = list(module.eval_scans(split))
+            assert [s.patient_id for s in scans] == list(module.cv_round.patients(split))
+        for scan in module.eval_scans("val"):
+            before = expected[scan.patient_id]
+            np.testing.assert_array_equal(scan.mask, before.mask)
+            assert scan.spacing == before.spacing and scan.release == before.release
+            assert scan.source == before.source and scan.demographics == before.demographics
+        monkeypatch.undo()
+
+
+@pytest.mark.parametrize("release", ["nifti", "jpg"])
+def test_the_store_keeps_the_scans_original_masks_labels_and_headers(roots, release) -> None:
+    module = make(roots, release)
+    reader = open_dataset(roots[release])
+    for patient in module.store.patient_ids:
+        scan = reader.load(patient)
+        mask = module.store.original_mask(patient)
+        assert mask.dtype == np.bool_ and mask.shape == scan.mask.shape
+        np.testing.assert_array_equal(mask, scan.mask)
+        labels = module.store.labels_of(patient)
+        for field in ("subtypes", "no_hemorrhage", "fracture"):
+            np.testing.assert_array_equal(getattr(labels, field), getattr(scan.labels, field))
+        record = module.store.record(patient)
+        assert record.spacing == scan.spacing and record.demographics == scan.demographics
+        if scan.affine is None:
+            assert record.affine is None
+        else:
+            np.testing.assert_array_equal(record.affine, scan.affine)
+
+
+def test_a_cache_of_the_earlier_layout_is_not_reused(roots, tmp_path) -> None:
+    from ichseg.data import store
+
+    dataset = open_dataset(roots["nifti"])
+    key = store.cache_key(dataset, [1, 2], ("brain",), 128, "resize")
+    original = store.CACHE_VERSION
+    try:
+        store.CACHE_VERSION = 1
+        assert store.cache_key(dataset, [1, 2], ("brain",), 128, "resize") != key
+    finally:
+        store.CACHE_VERSION = original
+    assert original >= 2
+
+
+def test_earlier_keywords_warn_and_map_to_the_tile_names(roots) -> None:
+    with pytest.warns(FutureWarning) as caught:
+        module = CTICHDataModule(
+            roots["nifti"], working_size=128, window=32, stride=16, undersampling="ratio",
+            val_windows="all", exclude=(),
+        )  # fmt: skip
+    messages = [str(w.message) for w in caught]
+    for old, new in [("window", "tile_size"), ("stride", "tile_stride"),
+                     ("undersampling", "sampling"), ("val_windows", "val_tiles")]:  # fmt: skip
+        assert any(f"'{old}' is now '{new}'" in m for m in messages)
+    assert (module.tile_size, module.tile_stride) == (32, 16) and len(module.grid) == 49
+    assert module.sampling == module.undersampling == "ratio"
+    assert module.val_tiles == module.val_windows == "all"
+    assert module.hparams["tile_size"] == 32 and "window" not in module.hparams
+    assert module.input_spec.tile_size == 32
+
+
+def test_earlier_names_are_aliases() -> None:
+    import ichseg.data
+    from ichseg.data import datamodule, dataset, sampling, store
+
+    assert ichseg.data.CTICHDataModule is datamodule.CTICHDataModule is CTICHDataModule
+    assert datamodule.UndersampledWindowSampler is sampling.UndersampledTileSampler
+    assert datamodule.OversampledWindowSampler is sampling.OversampledTileSampler
+    assert datamodule.WindowDataset is dataset.TileDataset
+    assert datamodule.store_window_counts is store.store_tile_counts
+    assert CTICHDataModule.window_counts is CTICHDataModule.tile_counts
+
+
+def test_prepare_data_generates_the_phantom(tmp_path) -> None:
+    root = tmp_path / "phantom"
+    spec = {"release": "nifti", "patients": 6, "slices": 4, "size": 64, "seed": 0}
+    module = CTICHDataModule(root, k=3, exclude=(), working_size=64, tile_size=32, tile_stride=16,
+                             phantom=spec)  # fmt: skip
+    assert module.phantom == PhantomSpec(**spec)
+    assert module.input_spec.working_mode == "resize" and not root.exists()  # nothing generated
+    module.prepare_data()
+    assert len(open_dataset(root).patient_ids) == 6
+    module.setup("fit")
+    assert len(module.store.patient_ids) == 6
+
+
+def test_phantom_spec_is_validated() -> None:
+    assert PhantomSpec.coerce({"slices": [3, 5]}).slice_range == (3, 5)
+    assert PhantomSpec.coerce(None) is None
+    for bad in ({"release": "dicom"}, {"patients": 0}, {"slices": [5, 3]}, {"sizes": 3}):
+        with pytest.raises(ConfigError, match="phantom"):
+            PhantomSpec.coerce(bad)

@@ -225,8 +225,8 @@ def test_experiment_config_is_the_papers(tmp_path):
     assert tuple(model["lower_range"]) == LOWER_RANGE and tuple(model["upper_range"]) == UPPER_RANGE
     assert model["objective"] == "slice_mean" and resolved["trainer"]["max_epochs"] == 1
     assert (
-        resolved["data"]["_target_"] == "ichseg.data.CTICHDataModule"
-        and "phantom" not in resolved["data"]
+        resolved["data"]["_target_"] == "ichseg.lit.datamodule.CTICHDataModule"
+        and resolved["data"]["phantom"] is None
     )
     assert resolved["callbacks"]["model_checkpoint"]["monitor"] == "val/jaccard"
     assert resolved["callbacks"]["lr_monitor"] is None

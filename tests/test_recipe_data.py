@@ -6,18 +6,26 @@ import numpy as np
 import pytest
 import torch
 
-from ichseg.data.datamodule import CTICHDataModule, OversampledWindowSampler
-from ichseg.data.patches import (
+from ichseg.data.phantom import generate_phantom
+from ichseg.data.sampling import OversampledTileSampler
+from ichseg.data.tiles import (
     context_rows,
-    crop_context_windows,
+    crop_context_tiles,
     foreground_per_batch,
     make_grid,
-    oversampled_windows,
+    oversampled_tiles,
 )
-from ichseg.data.phantom import generate_phantom
 from ichseg.errors import ConfigError
+from ichseg.lit.datamodule import CTICHDataModule
 
-SMALL = {"working_size": 64, "window": 16, "stride": 8, "exclude": (), "batch_size": 12, "k": 3}
+SMALL = {
+    "working_size": 64,
+    "tile_size": 16,
+    "tile_stride": 8,
+    "exclude": (),
+    "batch_size": 12,
+    "k": 3,
+}
 CHANNELS = ("brain", "subdural", "bone")
 
 
@@ -57,7 +65,7 @@ def test_context_windows_stack_the_neighbours_slice_major():
     grid = make_grid(12, 6, 3)
     windows = np.array([[0, 0], [2, 8], [4, 5]])
     neighbours = context_rows(windows[:, 0], 1, 0, 4)
-    crops = crop_context_windows(slices, windows, neighbours, grid)
+    crops = crop_context_tiles(slices, windows, neighbours, grid)
     assert crops.shape == (3, 6, 6, 6)
     for i, position in enumerate(windows[:, 1]):
         r, c = grid.corners[position]
@@ -141,7 +149,7 @@ def test_every_batch_holds_the_fixed_share_and_every_positive_once():
     rng = np.random.default_rng(1)
     counts = np.where(rng.random((40, 9)) < 0.1, rng.integers(1, 50, size=(40, 9)), 0)
     positives = np.flatnonzero(counts.reshape(-1) > 0)
-    windows = oversampled_windows(counts, 12, 0.33, np.random.default_rng(5))
+    windows = oversampled_tiles(counts, 12, 0.33, np.random.default_rng(5))
     n_batches = -(-positives.size // 4)
     assert windows.shape == (n_batches * 12, 2)
     is_positive = counts[windows[:, 0], windows[:, 1]] > 0
@@ -152,14 +160,14 @@ def test_every_batch_holds_the_fixed_share_and_every_positive_once():
     assert len(set(negatives.tolist())) == negatives.size  # without replacement while enough exist
     # the positives are not always in the same batch slots
     assert is_positive.reshape(n_batches, 12).argmax(axis=1).std() > 0
-    fixed = oversampled_windows(counts, 12, 0.33, np.random.default_rng(5), n_batches=3)
+    fixed = oversampled_tiles(counts, 12, 0.33, np.random.default_rng(5), n_batches=3)
     assert fixed.shape == (36, 2)
 
 
 def test_oversampling_sampler_is_seeded_per_epoch(root):
-    module = make(root, undersampling="oversample", foreground_fraction=0.33, augmentation=None)
+    module = make(root, sampling="oversample", foreground_fraction=0.33, augmentation=None)
     dataset, sampler = module.train_dataset()
-    assert isinstance(sampler, OversampledWindowSampler)
+    assert isinstance(sampler, OversampledTileSampler)
     assert sampler.per_batch == 4 and len(sampler) % 12 == 0
     epoch0, epoch1 = sampler.epoch_indices(0), sampler.epoch_indices(1)
     assert len(epoch0) == len(epoch1) == len(sampler)
@@ -170,16 +178,16 @@ def test_oversampling_sampler_is_seeded_per_epoch(root):
     # through the loader, every batch holds exactly 4 windows with ICH
     for batch in module.train_dataloader():
         assert int((batch["mask"].flatten(1).sum(1) > 0).sum()) == 4
-    counts = module.window_counts("train")
+    counts = module.tile_counts("train")
     assert len(sampler) == 12 * -(-int((counts > 0).sum()) // 4)
 
 
 def test_oversampling_full_slices_draws_from_every_slice(root):
-    module = make(root, mode="full_slice", undersampling="oversample", batch_size=4,
+    module = make(root, mode="full_slice", sampling="oversample", batch_size=4,
                   foreground_fraction=0.5, augmentation=None)  # fmt: skip
     _, sampler = module.train_dataset()
     indices = sampler.epoch_indices(0).reshape(-1, 4)
-    counts = module.window_counts("train")[:, 0]
+    counts = module.tile_counts("train")[:, 0]
     assert ((counts[indices] > 0).sum(axis=1) == 2).all()
     assert (counts[indices] == 0).any()  # ICH-free slices are trained too
     batch = next(iter(module.train_dataloader()))
@@ -190,14 +198,14 @@ def test_bad_recipe_options(root):
     with pytest.raises(ConfigError, match="context_slices"):
         CTICHDataModule(root, context_slices=-1)
     with pytest.raises(ConfigError, match="foreground_fraction"):
-        CTICHDataModule(root, undersampling="oversample", foreground_fraction=2.0)
+        CTICHDataModule(root, sampling="oversample", foreground_fraction=2.0)
     with pytest.raises(ConfigError, match="oversample"):
-        CTICHDataModule(root, undersampling="upsample")
+        CTICHDataModule(root, sampling="upsample")
     with pytest.raises(ConfigError, match="batches_per_epoch"):
         CTICHDataModule(root, batches_per_epoch=0)
 
 
 def test_batches_are_float_tensors(root):
-    module = make(root, channels=CHANNELS, context_slices=1, undersampling="oversample")
+    module = make(root, channels=CHANNELS, context_slices=1, sampling="oversample")
     batch = next(iter(module.train_dataloader()))
     assert batch["image"].dtype == torch.float32 and batch["image"].is_contiguous()

@@ -42,13 +42,13 @@ def test_plus_experiments_compose_with_nine_input_channels(experiment, tmp_path)
     data, model, stitched = cfg["data"], cfg["model"], cfg["callbacks"]["stitched_eval"]
     assert data["channels"] == ["brain", "subdural", "bone"] and data["context_slices"] == 1
     assert model["net"]["in_channels"] == 9
-    assert data["undersampling"] == "oversample" and data["foreground_fraction"] == 0.33
+    assert data["sampling"] == "oversample" and data["foreground_fraction"] == 0.33
     assert model["loss"]["_target_"] == "ichseg.models.losses.DiceBCELoss"
     assert model["net"]["head"] == "conv1x1" and model["optimizer"]["lr"] == 1e-3
     assert stitched["tune_on_val"] is True
     assert (data["mode"], data["working_size"]) == (experiment.removesuffix("_plus"), 640)
     if experiment == "windowed_plus":
-        assert (data["window"], data["stride"], data["batch_size"]) == (160, 80, 32)
+        assert (data["tile_size"], data["tile_stride"], data["batch_size"]) == (160, 80, 32)
         assert stitched["inference"]["blend"] == "gaussian" and model["net"]["norm"] == "batch"
     else:
         assert data["batch_size"] == 2 and model["net"]["norm"] == "instance"
@@ -59,7 +59,7 @@ def test_the_paper_experiment_keeps_the_paper_head_and_loss(tmp_path):
         compose_train(["experiment=windowed"], tmp_path / "run"), resolve=True
     )
     assert cfg["model"]["net"]["head"] == "paper" and cfg["model"]["loss"] is None
-    assert cfg["data"]["context_slices"] == 0 and cfg["data"]["undersampling"] == "paper"
+    assert cfg["data"]["context_slices"] == 0 and cfg["data"]["sampling"] == "paper"
     assert cfg["callbacks"]["stitched_eval"]["tune_on_val"] is False
 
 

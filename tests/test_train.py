@@ -54,16 +54,14 @@ def test_paper_settings_of_the_windowed_experiment(tmp_path):
         compose_train(["experiment=windowed"], tmp_path / "run"), resolve=True
     )
     data, model = cfg["data"], cfg["model"]
-    assert (data["window"], data["stride"], data["working_size"], data["batch_size"]) == (
+    assert (data["tile_size"], data["tile_stride"], data["working_size"], data["batch_size"]) == (
         160,
         80,
         640,
         32,
     )
     assert (
-        data["mode"] == "windowed"
-        and data["undersampling"] == "paper"
-        and data["channels"] == ["brain"]
+        data["mode"] == "windowed" and data["sampling"] == "paper" and data["channels"] == ["brain"]
     )
     assert model["optimizer"]["lr"] == 1e-5 and cfg["trainer"]["max_epochs"] == 150
     assert model["net"]["base_filters"] == 64 and model["net"]["norm"] == "none"

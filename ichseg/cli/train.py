@@ -22,7 +22,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from ichseg.data import patches
+from ichseg.data import tiles
 from ichseg.errors import ConfigError, IchsegError
 
 PROG = "ichseg.train"
@@ -31,7 +31,7 @@ PROG = "ichseg.train"
 def input_channels(channels: Any, context_slices: Any = 0) -> int:
     """Network input channels: one per CT window per slice of the 2.5D context,
     ``len(channels) * (2 * context_slices + 1)``."""
-    return patches.input_channels(len(channels), int(context_slices or 0))
+    return tiles.input_channels(len(channels), int(context_slices or 0))
 
 
 def register_resolvers() -> None:
@@ -47,44 +47,11 @@ def register_resolvers() -> None:
             OmegaConf.register_new_resolver(name, function)
 
 
-def ensure_phantom(data_cfg: DictConfig) -> None:
-    """Generate the phantom dataset into ``data.root`` when the config asks for one
-    and it is absent.
-    """
-    phantom = data_cfg.get("phantom")
-    if phantom is None:
-        return
-    root = Path(data_cfg.root)
-    if root.exists() and any(root.iterdir()):
-        return
-    from ichseg.data.phantom import generate_phantom
-
-    print(f"[{PROG}] generating the phantom dataset into {root}", file=sys.stderr)
-    slices = phantom.slices
-    n_slices = (
-        (int(slices), int(slices)) if isinstance(slices, int) else tuple(int(s) for s in slices)
-    )
-    generate_phantom(
-        root,
-        release=phantom.release,
-        n_patients=int(phantom.patients),
-        n_slices=n_slices,
-        size=int(phantom.size),
-        seed=int(phantom.seed),
-        progress=sys.stderr.isatty(),
-    )
-
-
 def check_data_root(data_cfg: DictConfig) -> None:
-    """Fail early, with what to do, when the dataset root is missing."""
-    root = Path(str(data_cfg.get("root", "")))
-    if data_cfg.get("phantom") is None and not root.exists():
-        raise ConfigError(
-            f"{root}: CT-ICH dataset not found; "
-            "download it from https://physionet.org/content/ct-ich/ "
-            "(README, 'The data') and pass data.root=PATH or set ICHSEG_DATA, "
-            "or train on the generated phantom with data=phantom (or experiment=demo)"
-        )
+    """Fail early, with what to do, when the dataset root is missing (no phantom asked for)."""
+    from ichseg.data.phantom_spec import check_data_root as check_root
+
+    check_root(str(data_cfg.get("root", "")), data_cfg.get("phantom"))
 
 
 def train_overrides() -> list[str]:
@@ -138,15 +105,12 @@ def resolve_ckpt_path(cfg: DictConfig) -> str | None:
 
 
 def build_datamodule(cfg: DictConfig) -> Any:
-    """The configured DataModule; a phantom dataset is generated first when ``data=phantom``."""
+    """The configured DataModule (with ``data=phantom`` it generates the phantom in its
+    ``prepare_data``)."""
     from hydra.utils import instantiate
 
-    data_cfg = cfg.data.copy()
-    check_data_root(data_cfg)
-    ensure_phantom(data_cfg)
-    with open_dict(data_cfg):
-        data_cfg.pop("phantom", None)
-    return instantiate(data_cfg, _convert_="all")
+    check_data_root(cfg.data)
+    return instantiate(cfg.data, _convert_="all")
 
 
 def instantiate_dict(section: DictConfig | None) -> list[Any]:

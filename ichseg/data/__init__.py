@@ -1,6 +1,8 @@
-"""Data stage: CT-ICH readers, HU windowing, the phantom dataset, folds, windows and the DataModule.
+"""Data stage: CT-ICH readers, HU windowing, the phantom dataset, folds, tiles, the slice store,
+samplers, datasets and one CV round's data (:class:`~ichseg.data.rounds.RoundData`), no Lightning.
 
-Readers and windowing need only numpy; torch-based parts (the DataModule) are imported on first use.
+Readers and windowing need only numpy; torch-based parts are imported on first use, and
+``CTICHDataModule`` (now :mod:`ichseg.lit.datamodule`) is resolved lazily; docs/data-pipeline.md.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from ichseg.data.ctich import (
     read_demographics,
     read_slice_labels,
 )
+from ichseg.data.phantom_spec import PhantomSpec
 from ichseg.data.windowing import WINDOWS, Window, apply_window, stack_windows
 
 __all__ = [
@@ -26,6 +29,7 @@ __all__ = [
     "CTICHDataModule",
     "CTICHDataset",
     "Demographics",
+    "PhantomSpec",
     "Scan",
     "SliceLabels",
     "Window",
@@ -39,8 +43,9 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
+    """``CTICHDataModule`` from :mod:`ichseg.lit.datamodule`, imported on first use (Lightning)."""
     if name == "CTICHDataModule":
-        from ichseg.data.datamodule import CTICHDataModule
+        from ichseg.lit.datamodule import CTICHDataModule
 
         return CTICHDataModule
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,26 +1,26 @@
-"""Window grid, cropping, ICH counts per window and undersampling."""
+"""Tile grid, cropping, ICH counts per tile and undersampling."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from ichseg.data.patches import (
-    all_windows,
-    crop_packed_windows,
-    crop_window,
-    crop_windows,
+from ichseg.data.tiles import (
+    all_tiles,
+    crop_packed_tiles,
+    crop_tile,
+    crop_tiles,
     epoch_generator,
-    flat_window_ids,
+    flat_tile_ids,
     make_grid,
-    negative_windows,
+    negative_tiles,
     pack_masks,
-    positive_windows,
-    training_windows,
+    positive_tiles,
+    tile_positive_counts,
+    tiles_from_ids,
+    training_tiles,
     unpack_masks,
-    validation_windows,
-    window_positive_counts,
-    windows_from_ids,
+    validation_tiles,
 )
 from ichseg.errors import ConfigError
 
@@ -42,7 +42,7 @@ def test_grid_covers_every_pixel(size) -> None:
     grid = make_grid(size, 160, 80)
     coverage = grid.coverage()
     assert coverage.min() >= 1
-    assert (grid.corners + grid.window <= np.asarray(grid.size)).all()
+    assert (grid.corners + grid.tile_size <= np.asarray(grid.size)).all()
     naive = np.zeros(grid.size, dtype=int)
     for row, col in grid.corners:
         naive[row : row + 160, col : col + 160] += 1
@@ -66,7 +66,7 @@ def test_cropped_window_is_a_view_of_its_region() -> None:
     rng = np.random.default_rng(0)
     slices = rng.integers(0, 255, size=(3, 2, 64, 64), dtype=np.uint8)
     grid = make_grid(64, 16, 8)
-    window = crop_window(slices, 2, 10, grid)
+    window = crop_tile(slices, 2, 10, grid)
     row, col = grid.corners[10]
     np.testing.assert_array_equal(window, slices[2, :, row : row + 16, col : col + 16])
     assert np.shares_memory(window, slices)
@@ -80,11 +80,11 @@ def test_crop_windows_batch_matches_single_crops(channels) -> None:
     slices = rng.integers(0, 255, size=shape, dtype=np.uint8)
     grid = make_grid(64, 16, 8)
     windows = np.stack([rng.integers(0, 5, 20), rng.integers(0, len(grid), 20)], axis=1)
-    batch = crop_windows(slices, windows, grid)
+    batch = crop_tiles(slices, windows, grid)
     assert batch.shape == (20, *shape[1:-2], 16, 16)
     assert not np.shares_memory(batch, slices)
     for out, (s, g) in zip(batch, windows, strict=True):
-        np.testing.assert_array_equal(out, crop_window(slices, s, g, grid))
+        np.testing.assert_array_equal(out, crop_tile(slices, s, g, grid))
 
 
 def test_positive_counts_equal_a_naive_loop() -> None:
@@ -92,7 +92,7 @@ def test_positive_counts_equal_a_naive_loop() -> None:
     masks = rng.random((40, 90, 90)) < 0.02
     masks[::3] = False  # empty slices take the fast path
     grid = make_grid(90, 32, 16)
-    counts = window_positive_counts(masks, grid, chunk=7)
+    counts = tile_positive_counts(masks, grid, chunk=7)
     naive = np.zeros_like(counts)
     for s in range(masks.shape[0]):
         for g, (row, col) in enumerate(grid.corners):
@@ -118,7 +118,7 @@ def _counts_and_patients(seed: int = 3):
 
 def test_paper_rule_takes_all_windows_of_one_empty_slice_per_patient() -> None:
     counts, patients = _counts_and_patients()
-    negatives = negative_windows(counts, patients, "paper", epoch_generator(0, 0))
+    negatives = negative_tiles(counts, patients, "paper", epoch_generator(0, 0))
     slices = np.unique(negatives[:, 0])
     assert len(negatives) == 49 * len(slices)
     assert (counts[slices].max(axis=1) == 0).all()  # empty slices only
@@ -130,40 +130,40 @@ def test_ratio_rule_draws_ratio_times_positives_without_replacement() -> None:
     counts, patients = _counts_and_patients()
     n_positive = int((counts > 0).sum())
     for ratio in (0.5, 1.0, 3.0):
-        negatives = negative_windows(counts, patients, "ratio", epoch_generator(0, 1), ratio=ratio)
+        negatives = negative_tiles(counts, patients, "ratio", epoch_generator(0, 1), ratio=ratio)
         assert len(negatives) == round(ratio * n_positive)
-        assert len(np.unique(flat_window_ids(negatives, 49))) == len(negatives)
+        assert len(np.unique(flat_tile_ids(negatives, 49))) == len(negatives)
         assert (counts[negatives[:, 0], negatives[:, 1]] == 0).all()
     # more than available: all ICH-free windows
-    everything = negative_windows(counts, patients, "ratio", epoch_generator(0, 1), ratio=1e6)
+    everything = negative_tiles(counts, patients, "ratio", epoch_generator(0, 1), ratio=1e6)
     assert len(everything) == int((counts == 0).sum())
 
 
 def test_training_windows_include_every_positive_and_are_deterministic() -> None:
     counts, patients = _counts_and_patients()
     for rule in ("paper", "ratio"):
-        epoch0 = training_windows(counts, patients, rule, ratio=2.0, seed=5, epoch=0)
-        again = training_windows(counts, patients, rule, ratio=2.0, seed=5, epoch=0)
-        epoch1 = training_windows(counts, patients, rule, ratio=2.0, seed=5, epoch=1)
+        epoch0 = training_tiles(counts, patients, rule, ratio=2.0, seed=5, epoch=0)
+        again = training_tiles(counts, patients, rule, ratio=2.0, seed=5, epoch=0)
+        epoch1 = training_tiles(counts, patients, rule, ratio=2.0, seed=5, epoch=1)
         np.testing.assert_array_equal(epoch0, again)
         assert len(epoch0) == len(epoch1)
         assert not np.array_equal(epoch0, epoch1)
-        ids = set(flat_window_ids(epoch0, 49).tolist())
-        assert set(flat_window_ids(positive_windows(counts), 49).tolist()) <= ids
-    assert len(training_windows(counts, patients, "all")) == counts.size
+        ids = set(flat_tile_ids(epoch0, 49).tolist())
+        assert set(flat_tile_ids(positive_tiles(counts), 49).tolist()) <= ids
+    assert len(training_tiles(counts, patients, "all")) == counts.size
     with pytest.raises(ConfigError, match="undersampling rule"):
-        training_windows(counts, patients, "most")
+        training_tiles(counts, patients, "most")
 
 
 def test_validation_windows() -> None:
     counts, _ = _counts_and_patients()
-    assert len(validation_windows(counts, "positive")) == int((counts > 0).sum())
-    assert len(validation_windows(counts, "all")) == counts.size
+    assert len(validation_tiles(counts, "positive")) == int((counts > 0).sum())
+    assert len(validation_tiles(counts, "all")) == counts.size
 
 
 def test_flat_ids_round_trip() -> None:
-    windows = all_windows(4, 49)
-    np.testing.assert_array_equal(windows_from_ids(flat_window_ids(windows, 49), 49), windows)
+    windows = all_tiles(4, 49)
+    np.testing.assert_array_equal(tiles_from_ids(flat_tile_ids(windows, 49), 49), windows)
 
 
 @pytest.mark.parametrize(
@@ -177,8 +177,17 @@ def test_packed_masks_crop_like_bool_masks(size, window, stride) -> None:
     packed = pack_masks(masks)
     assert packed.shape == (3, size, (size + 7) // 8)
     np.testing.assert_array_equal(unpack_masks(packed, size), masks)
-    windows = all_windows(3, len(grid))
+    windows = all_tiles(3, len(grid))
     np.testing.assert_array_equal(
-        crop_packed_windows(packed, windows, grid),
-        crop_windows(masks, windows, grid).astype(np.uint8),
+        crop_packed_tiles(packed, windows, grid),
+        crop_tiles(masks, windows, grid).astype(np.uint8),
     )
+
+
+def test_the_earlier_module_and_names_are_aliases() -> None:
+    from ichseg.data import patches, tiles
+
+    assert patches is tiles
+    assert patches.WindowGrid is tiles.TileGrid and patches.crop_windows is tiles.crop_tiles
+    grid = tiles.make_grid(64, 32, 16)
+    assert (grid.window, grid.stride, grid.n_windows) == (32, 16, 9)

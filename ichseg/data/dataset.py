@@ -1,0 +1,185 @@
+"""Batches of tiles (or whole slices) of a slice store, and the evaluation view of one scan.
+
+:class:`TileDataset` builds a whole batch per ``__getitems__`` call (one crop copy, augmentation,
+one uint8 -> float32 conversion); :class:`EvalScan` is what stitched evaluation gets per patient.
+docs/data-pipeline.md has the long form.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from ichseg.data.augment import Augmentation
+from ichseg.data.ctich import Demographics, SliceLabels
+from ichseg.data.store import SliceStore
+from ichseg.data.tiles import TileGrid, crop_context_tiles, crop_packed_tiles, crop_tiles
+
+
+class TileDataset(Dataset):
+    """Tiles of a :class:`SliceStore`: item ``i`` is tile ``ids[i]`` (``row * G + position``).
+
+    ``__getitems__`` builds a whole batch at once (one crop copy, augmentation per tile, one
+    uint8 -> float32 conversion) and returns the batch dict; use :func:`collate_batch` as the
+    loader's ``collate_fn``. ``whole_slices`` marks a one-tile grid: the batch's ``window`` (the
+    tile's grid position; the key keeps its earlier name) is -1.
+    ``context_slices`` ``k > 0`` gives 2.5D input: the same tile of the slices ``s - k .. s + k``
+    of the patient (clamped at its first and last slice) stacked as channels, ``(2k + 1) * C`` in
+    all (slice-major), cropped from the one store by index arithmetic; the mask is slice ``s``'s.
+    """
+
+    def __init__(
+        self,
+        store: SliceStore,
+        grid: TileGrid,
+        ids: np.ndarray,
+        augmentation: Augmentation | None = None,
+        whole_slices: bool = False,
+        seed: int = 0,
+        context_slices: int = 0,
+    ) -> None:
+        self.store = store
+        self.grid = grid
+        self.ids = np.asarray(ids, dtype=np.int64)
+        self.augmentation = augmentation
+        self.whole_slices = whole_slices
+        self.context_slices = int(context_slices)
+        self._seeded_for: tuple[int, int] | None = None
+        if augmentation is not None:
+            augmentation.reseed(seed)
+
+    def __len__(self) -> int:
+        return int(self.ids.size)
+
+    def tiles(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
+        """``(n, 2)`` (store row, grid position) of dataset items."""
+        ids = self.ids[np.asarray(indices, dtype=np.int64)]
+        return np.stack(np.divmod(ids, len(self.grid)), axis=1)
+
+    #: Earlier name of :meth:`tiles`, kept for one release.
+    windows = tiles
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        batch = self.__getitems__([index])
+        return {key: value[0] for key, value in batch.items()}
+
+    def __getitems__(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+        tiles = self.tiles(indices)
+        rows, positions = tiles[:, 0], tiles[:, 1]
+        k = self.context_slices
+        if self.whole_slices:
+            # (n, [2k + 1] * C, H, W) uint8
+            images = self.store.context_images(rows, k) if k else self.store.images[rows]
+            masks = self.store.mask_slices(rows).view(np.uint8)  # (n, H, W)
+        else:
+            if k:
+                neighbours = self.store.context_rows(rows, k)  # (n, 2k + 1)
+                images = crop_context_tiles(self.store.images, tiles, neighbours, self.grid)
+            else:
+                images = crop_tiles(self.store.images, tiles, self.grid)  # (n, C, h, w) uint8
+            masks = crop_packed_tiles(self.store.masks, tiles, self.grid)  # (n, h, w) uint8
+        if self.augmentation is not None:
+            images, masks = self._augment(images, masks)
+        image_tensor = (
+            torch.from_numpy(np.ascontiguousarray(images)).to(torch.float32).mul_(1.0 / 255.0)
+        )
+        mask_tensor = torch.from_numpy(np.ascontiguousarray(masks)).to(torch.float32).unsqueeze_(1)
+        window = np.full(rows.size, -1, dtype=np.int64) if self.whole_slices else positions
+        return {
+            "image": image_tensor.contiguous(),
+            "mask": mask_tensor,
+            "patient": torch.from_numpy(self.store.patients[rows].astype(np.int64)),
+            "slice": torch.from_numpy(self.store.slice_numbers[rows].astype(np.int64)),
+            "window": torch.from_numpy(np.ascontiguousarray(window, dtype=np.int64)),
+        }
+
+    def _augment(self, images: np.ndarray, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Augment each tile (image and mask with one matrix), in channels-last buffers."""
+        assert self.augmentation is not None
+        self._seed_worker()
+        channels_last = np.ascontiguousarray(images.transpose(0, 2, 3, 1))
+        out_images = np.empty_like(channels_last)
+        out_masks = np.empty_like(masks)
+        for i in range(images.shape[0]):
+            self.augmentation(channels_last[i], masks[i], out_images[i], out_masks[i])
+        return out_images.transpose(0, 3, 1, 2), out_masks
+
+    def _seed_worker(self) -> None:
+        """Give each loader worker its own augmentation stream (from the worker's torch seed)."""
+        info = torch.utils.data.get_worker_info()
+        if info is None:
+            return
+        key = (info.id, info.seed)
+        if key != self._seeded_for:
+            import cv2
+
+            cv2.setNumThreads(1)
+            assert self.augmentation is not None
+            self.augmentation.reseed(info.seed)
+            self._seeded_for = key
+
+
+def collate_batch(batch: Any) -> dict[str, torch.Tensor]:
+    """Collate for :class:`TileDataset`: a batch built by ``__getitems__`` passes through."""
+    if isinstance(batch, Mapping):
+        return dict(batch)
+    return torch.utils.data.default_collate(batch)
+
+
+@dataclass
+class EvalScan:
+    """One val / test patient for stitched evaluation.
+
+    ``images``: working-size slices (N, C, size, size) uint8 (a view of the store); ``mask``: the
+    ORIGINAL-resolution mask (H, W, N) bool as read from disk (kept bit-packed in the store);
+    ``working_mode`` tells how to map working-size maps back
+    (:func:`ichseg.data.windowing.from_working_size`).
+    """
+
+    patient_id: int
+    images: np.ndarray
+    mask: np.ndarray
+    labels: SliceLabels
+    spacing: tuple[float, float, float] | None
+    affine: np.ndarray | None
+    demographics: Demographics | None
+    working_mode: str
+    release: str
+    source: Path | None = None  # the CT's NIfTI file (None for the JPG release)
+
+    @property
+    def original_shape(self) -> tuple[int, int]:
+        """In-plane (H, W) of the original scan."""
+        return int(self.mask.shape[0]), int(self.mask.shape[1])
+
+    @property
+    def n_slices(self) -> int:
+        return int(self.mask.shape[2])
+
+    @classmethod
+    def from_store(cls, store: SliceStore, patient_id: int, working_mode: str) -> EvalScan:
+        """One patient's evaluation view, all from the store (no file is read): its working-size
+        slices, original-grid mask, labels and scan record."""
+        record = store.record(patient_id)
+        return cls(
+            patient_id=int(patient_id),
+            images=store.images[store.rows_of(patient_id)],
+            mask=store.original_mask(patient_id),
+            labels=store.labels_of(patient_id),
+            spacing=record.spacing,
+            affine=record.affine,
+            demographics=record.demographics,
+            working_mode=working_mode,
+            release=record.release,
+            source=record.source,
+        )
+
+
+#: Earlier name of :class:`TileDataset`, kept for one release.
+WindowDataset = TileDataset
