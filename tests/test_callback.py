@@ -28,7 +28,7 @@ from ichseg.eval.callback import (
 from ichseg.eval.metrics import SliceCounts
 from ichseg.eval.postprocess import grid_scale
 from ichseg.eval.report import PatientInfo
-from ichseg.module import ICHSegmentationModule
+from ichseg.lit.segmentation import ICHSegmentationModule
 
 THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
 
@@ -322,8 +322,9 @@ def test_train_entry_point_writes_the_stitched_report(tmp_path):
     overrides = [
         "experiment=demo", f"paths.log_dir={tmp_path}", f"paths.output_dir={run_dir}",
         f"paths.cache_dir={tmp_path / 'cache'}", "data.phantom.patients=8", "data.phantom.slices=6",
-        "data.phantom.size=64", "data.k=4", "data.working_size=64", "data.window=32",
-        "data.stride=16", "model.net.base_filters=4", "model.net.depth=2", "trainer.max_epochs=1",
+        "data.phantom.size=64", "data.k=4", "data.working_size=64", "data.tile_size=32",
+        "data.tile_stride=16", "model.net.base_filters=4", "model.net.depth=2",
+        "trainer.max_epochs=1",
         "++trainer.limit_train_batches=2", "callbacks.progress_bar.refresh_rate=0",
     ]  # fmt: skip
     cfg = compose_config(overrides)

@@ -18,8 +18,11 @@ MAX_FUNCTION_LINES = 80
 
 
 def is_alias(path: Path) -> bool:
-    """A module kept at an earlier path that replaces itself by the module it names."""
-    return "sys.modules[__name__] =" in path.read_text()
+    """A module kept at an earlier path for one release: it replaces itself by the module it
+    names, or its docstring begins "Earlier name" / "Earlier home" and it re-exports."""
+    text = path.read_text()
+    doc = ast.get_docstring(ast.parse(text)) or ""
+    return "sys.modules[__name__] =" in text or doc.startswith(("Earlier name", "Earlier home"))
 
 
 def modules_of(stage: str) -> list[str]:

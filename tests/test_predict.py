@@ -21,8 +21,8 @@ from ichseg.errors import ConfigError, DatasetError
 from ichseg.inference import Predictor
 from ichseg.inference.stitch import stitch
 from ichseg.io.nifti import as_hu, voxel_volume_ml
+from ichseg.lit.segmentation import ICHSegmentationModule
 from ichseg.models import UNet
-from ichseg.module import ICHSegmentationModule
 from ichseg.predict import compose_predict_config, find_inputs, load_predictor, predict_files
 
 ROOT = Path(__file__).resolve().parents[1]

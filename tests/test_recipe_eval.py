@@ -15,7 +15,7 @@ from ichseg.data.datamodule import CTICHDataModule
 from ichseg.eval.callback import ShardResult, StitchedEvaluation, choose_on_validation
 from ichseg.eval.metrics import SliceCounts
 from ichseg.inference.stitch import context_index, full_slice, stitch
-from ichseg.module import ICHSegmentationModule
+from ichseg.lit.segmentation import ICHSegmentationModule
 
 LOGIT_035 = math.log(0.35 / 0.65)
 

@@ -173,11 +173,11 @@ def test_every_recipe_composes_and_each_switch_changes_its_base(tmp_path):
     for name in bench.SWITCHES:
         added, removed = composed(f"+{name}"), composed(f"plus-{name}")
         assert added != paper_lr and removed != plus, name
-        assert added["model"]["optimizer"]["lr"] == 1e-3 and removed["data"]["window"] == 32
+        assert added["model"]["optimizer"]["lr"] == 1e-3 and removed["data"]["tile_size"] == 32
     assert composed("plus-context")["model"]["net"]["in_channels"] == 3
     assert composed("+windows")["model"]["net"]["in_channels"] == 3
     assert composed("plus-dice_bce")["model"]["loss"] is None
-    assert composed("+oversample")["data"]["undersampling"] == "oversample"
+    assert composed("+oversample")["data"]["sampling"] == "oversample"
 
 
 def test_every_row_is_a_config_file_with_a_description():

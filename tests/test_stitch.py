@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from ichseg.data.patches import make_grid
+from ichseg.data.tiles import make_grid
 from ichseg.errors import ConfigError
 from ichseg.inference.stitch import (
     coverage_map,

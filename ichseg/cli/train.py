@@ -22,6 +22,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from ichseg.cli.schema import check_config
 from ichseg.data import tiles
 from ichseg.errors import ConfigError, IchsegError
 
@@ -146,6 +147,7 @@ def compose_config(
         del cfg.hydra
         if output_dir is not None:
             cfg.paths.output_dir = str(output_dir)
+    check_config(cfg)
     return cfg
 
 
@@ -267,6 +269,7 @@ def _hydra_main() -> None:
     def run(cfg: DictConfig) -> float | None:
         share_splits_in_sweep(cfg)
         try:
+            check_config(cfg)
             metrics = train(cfg)
         except IchsegError as err:
             print(f"{PROG}: error: {err}", file=sys.stderr)

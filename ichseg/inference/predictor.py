@@ -51,7 +51,7 @@ class Predictor:
     """A network with its :class:`InputSpec` and :class:`InferenceSpec`.
 
     ``net`` maps ``(B, in_channels, s, s)`` float inputs in [0, 1] to logits ``(B, 1, s, s)``
-    (an :class:`~ichseg.models.UNet`, an :class:`~ichseg.models.threshold.IntensityBand`, or a
+    (an :class:`~ichseg.models.UNet`, an :class:`~ichseg.models.intensity_band.IntensityBand`, or a
     LightningModule's forward). It runs on ``device`` (default: its parameters' device) in eval
     mode under ``torch.inference_mode``; inputs are cast to its floating-point parameter dtype.
     """

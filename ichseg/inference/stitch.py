@@ -28,7 +28,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from ichseg.data.patches import check_context_slices, make_grid
+from ichseg.data.tiles import check_context_slices, make_grid
 from ichseg.data.windowing import from_working_size
 from ichseg.errors import ConfigError
 from ichseg.utils.renamed import renamed_keywords
@@ -186,7 +186,7 @@ def context_index(slice_ids: torch.Tensor, context_slices: int, n_slices: int) -
     """``(n, 2k + 1)``: slices ``s - k .. s + k`` around each of ``slice_ids`` (``k`` =
     ``context_slices``), clamped to ``0 .. n_slices - 1`` (one volume: its ends repeated).
 
-    The same rule as the training data's :func:`ichseg.data.patches.context_rows`.
+    The same rule as the training data's :func:`ichseg.data.tiles.context_rows`.
     """
     k = check_context_slices(context_slices)
     offsets = torch.arange(-k, k + 1, device=slice_ids.device, dtype=slice_ids.dtype)
