@@ -19,15 +19,11 @@ from torch.utils.data import DataLoader
 
 from ichseg.data.datamodule import CTICHDataModule
 from ichseg.errors import ConfigError
-from ichseg.eval.callback import (
-    ShardResult,
-    StitchedEvaluation,
-    merge_shards,
-    shard_patients,
-)
-from ichseg.eval.metrics import SliceCounts
+from ichseg.eval.counts import SliceCounts
 from ichseg.eval.postprocess import grid_scale
-from ichseg.eval.report import PatientInfo
+from ichseg.eval.scoring import EvaluationData, ShardResult, merge_shards, shard_patients
+from ichseg.eval.tables import PatientInfo
+from ichseg.lit.callbacks.stitched_eval import StitchedEvaluation
 from ichseg.lit.segmentation import ICHSegmentationModule
 
 THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
@@ -300,8 +296,8 @@ def test_merging_rejects_a_slice_scored_twice_differently():
 
 def test_nan_free_scalars_for_a_split_without_ich():
     """No ICH patient: Dice is undefined (NaN scalar) and the JSON says null."""
-    from ichseg.eval.callback import scalar_metrics
     from ichseg.eval.report import compute_tables, dumps_json
+    from ichseg.eval.scoring import scalar_metrics
 
     counts = SliceCounts([49, 49], [1, 2], (0.5,), [0, 0], [[0], [0]], [[0], [0]], 0.01)
     tables = compute_tables(counts)
@@ -341,7 +337,7 @@ def test_train_entry_point_writes_the_stitched_report(tmp_path):
 
 
 def test_overlay_gallery_keeps_the_best_and_worst_slices_once():
-    from ichseg.eval.callback import OverlayGallery, _Overlay
+    from ichseg.eval.gallery import OverlayGallery, _Overlay
 
     def item(patient, number, dice):
         blank = np.zeros((4, 4), dtype=np.uint8)
@@ -356,3 +352,27 @@ def test_overlay_gallery_keeps_the_best_and_worst_slices_once():
     assert [(i.patient, i.slice_number) for i in ranks[0].worst] == [(50, 2), (49, 2)]
     dice = np.array([np.nan, 0.2, 0.9, 0.5, np.nan])
     assert OverlayGallery(1).candidates(dice, np.ones(5, int)).tolist() == [1, 2]
+
+
+def test_the_datamodule_provides_the_evaluation_data(datamodules) -> None:
+    """CTICHDataModule is the EvaluationData the callback reads (plain attributes, no getattr)."""
+    for datamodule in datamodules.values():
+        assert isinstance(datamodule, EvaluationData)
+        assert datamodule.dataset.release in ("nifti", "jpg")
+        assert isinstance(datamodule.fold, int) and isinstance(datamodule.k, int)
+
+
+def test_earlier_callback_path_keeps_working() -> None:
+    """``ichseg.eval.callback`` re-exports; the Hydra config names the new target."""
+    from pathlib import Path
+
+    import ichseg.eval.callback as old
+    from ichseg.eval import scoring, tuning
+
+    assert old.StitchedEvaluation is StitchedEvaluation
+    assert (
+        old.score_scan is scoring.score_scan
+        and old.choose_on_validation is tuning.choose_on_validation
+    )
+    conf = Path(__file__).parents[1] / "conf" / "callbacks" / "stitched_eval.yaml"
+    assert "_target_: ichseg.lit.callbacks.stitched_eval.StitchedEvaluation" in conf.read_text()

@@ -302,3 +302,27 @@ def test_invalid_counts_and_volumes() -> None:
         m.count_slices(np.ones((1, 4, 4), bool), np.ones((1, 4, 4), bool), patient=1)
     )
     assert math.isnan(unknown.true_ml[0])  # no spacing known: volume undefined, not assumed
+
+
+def test_one_voxel_volume_owner() -> None:
+    """The evaluation's voxel volume is the spacing-based one of ichseg.io.nifti, which the header
+    one uses (NaN there instead of an error)."""
+    from ichseg.eval import volumes
+    from ichseg.io import nifti
+
+    assert m.voxel_volume_ml is volumes.voxel_volume_ml is nifti.spacing_volume_ml
+    assert nifti.spacing_volume_ml((0.5, 0.5, 5.0, 1.0)) == pytest.approx(0.00125)
+    with pytest.raises(ConfigError, match="voxel spacing"):
+        nifti.spacing_volume_ml((1.0, 1.0))
+
+
+def test_earlier_metric_and_report_names_stay() -> None:
+    """Names that moved to counts / volumes / tables / markdown / cv import from the old modules."""
+    from ichseg.eval import counts, cv, markdown, report, tables
+
+    assert (
+        m.SliceCounts is counts.SliceCounts and m.volume_table.__module__ == "ichseg.eval.volumes"
+    )
+    assert m.evaluation_tables is tables.evaluation_tables
+    assert report.tables_markdown is markdown.tables_markdown
+    assert report.merge_folds is cv.merge_folds and report.CV_REPORT_JSON == "cv_report.json"

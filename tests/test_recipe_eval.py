@@ -12,9 +12,11 @@ import torch
 from torch import nn
 
 from ichseg.data.datamodule import CTICHDataModule
-from ichseg.eval.callback import ShardResult, StitchedEvaluation, choose_on_validation
-from ichseg.eval.metrics import SliceCounts
+from ichseg.eval.counts import SliceCounts
+from ichseg.eval.scoring import ShardResult
+from ichseg.eval.tuning import choose_on_validation
 from ichseg.inference.stitch import context_index, full_slice, stitch
+from ichseg.lit.callbacks.stitched_eval import StitchedEvaluation
 from ichseg.lit.segmentation import ICHSegmentationModule
 
 LOGIT_035 = math.log(0.35 / 0.65)

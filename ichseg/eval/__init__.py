@@ -1,18 +1,17 @@
-"""Evaluation stage: stitching windows into slices, post-processing, and the metrics.
+"""Evaluation stage: post-processing, slice counts, the metrics and tables, scoring scans and the
+reports, without Lightning or Hydra (docs/evaluation.md).
 
-* :mod:`ichseg.inference.stitch`: run a model over every window of full slices and average the
-  overlapping window probabilities (the paper's sum / count), or run it on whole slices;
-  resample the result back to a scan's original grid.
-* :mod:`ichseg.eval.postprocess`: threshold, then morphological closing and opening (the paper's
-  10x10 / 5x5 squares, scaled with the pixel size), in scipy or in torch with identical results.
-* :mod:`ichseg.eval.metrics`: per-slice counts (mergeable across folds and processes) and their
-  aggregation into the paper's tables and the volume metrics beyond them.
-* :mod:`ichseg.eval.report`: the tables as plain rows and markdown with the paper's numbers beside
-  them, the report files of one evaluation, and the merge of cross-validation folds.
-* :mod:`ichseg.eval.callback`: :class:`~ichseg.eval.callback.StitchedEvaluation`, the Lightning
-  callback that scores every val / test slice on the original grid and writes the report.
+* :mod:`ichseg.eval.postprocess`: threshold, then the paper's closing / opening, scaled to the grid.
+* :mod:`ichseg.eval.counts`: per-slice pixel counts (:class:`~ichseg.eval.counts.SliceCounts`).
+* :mod:`ichseg.eval.metrics`, :mod:`ichseg.eval.volumes`: the paper's metrics and the volumes.
+* :mod:`ichseg.eval.tables`: every table of one evaluation and the paper's numbers.
+* :mod:`ichseg.eval.scoring`, :mod:`ichseg.eval.tuning`, :mod:`ichseg.eval.gallery`: scoring
+  scans (what it needs of the data: :class:`~ichseg.eval.scoring.EvaluationData`), choosing the
+  operating point on val, the best / worst slices.
+* :mod:`ichseg.eval.markdown`, :mod:`ichseg.eval.report`, :mod:`ichseg.eval.cv`: rows and
+  markdown, the report files of one evaluation, the cross-validation report.
 
-This package knows nothing of Hydra; only the callback uses the DataModule (its ``eval_scans``).
+The Lightning callback is :class:`ichseg.lit.callbacks.stitched_eval.StitchedEvaluation`.
 """
 
 from __future__ import annotations
@@ -20,11 +19,14 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-__all__ = ["callback", "metrics", "postprocess", "report", "stitch"]
+__all__ = [
+    "counts", "cv", "gallery", "markdown", "metrics", "postprocess", "report", "scoring", "stitch",
+    "tables", "tuning", "volumes",
+]  # fmt: skip
 
 
 def __getattr__(name: str) -> ModuleType:
-    """Import the submodules on first use (``from ichseg.eval import stitch, metrics`` works)."""
+    """Import the submodules on first use (``from ichseg.eval import metrics, report`` works)."""
     if name in __all__:
         return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

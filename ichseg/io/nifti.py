@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from ichseg.errors import DatasetError, first_line
+from ichseg.errors import ConfigError, DatasetError, first_line
 from ichseg.utils.atomic import atomic_path
 
 NIFTI_SUFFIXES: tuple[str, ...] = (".nii.gz", ".nii")
@@ -119,14 +119,26 @@ def save_like(reference: Any, data: np.ndarray, target: Path, description: str) 
         image.to_filename(str(tmp))
 
 
+def spacing_volume_ml(spacing_mm: Any) -> float:
+    """Voxel volume in mL of a grid with ``spacing_mm`` (its first three values: x, y, z in mm).
+
+    Raises :class:`~ichseg.errors.ConfigError` unless they are three positive finite numbers.
+    """
+    spacing = np.asarray(spacing_mm, dtype=np.float64).reshape(-1)[:3]
+    if spacing.size != 3 or not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
+        raise ConfigError(f"voxel spacing must be three positive numbers in mm, got {spacing_mm}")
+    return float(np.prod(spacing)) / 1000.0
+
+
 def voxel_volume_ml(header: Any) -> float:
     """Voxel volume in mL from a NIfTI header's zooms and spatial units (NaN if unusable)."""
     zooms = np.asarray(header.get_zooms()[:3], dtype=np.float64)
     unit = header.get_xyzt_units()[0]
     zooms = zooms * UNIT_MM.get(unit, 1.0)
-    if zooms.size != 3 or not np.all(np.isfinite(zooms)) or np.any(zooms <= 0):
+    try:
+        return spacing_volume_ml(zooms)
+    except ConfigError:
         return math.nan
-    return float(np.prod(zooms)) / 1000.0
 
 
 def nifti_stem(path: Path) -> str | None:
