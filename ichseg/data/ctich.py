@@ -17,86 +17,37 @@ dataset check (``python -m ichseg.data.check``).
 
 from __future__ import annotations
 
-import csv
-import io
-import math
-import re
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 
+from ichseg.data.labels import (  # re-exported: the dataset's records
+    DEMOGRAPHICS_FILE,
+    LABEL_FILES,
+    Demographics,
+    SliceLabels,
+    read_demographics,
+    read_slice_labels,
+)
+from ichseg.data.layout import (  # re-exported: finding a release
+    Release,
+    _find_file,
+    _index_jpg,
+    _index_nifti,
+    _PatientFiles,
+    find_release,
+)
 from ichseg.data.windowing import apply_window
 from ichseg.errors import ConfigError, DatasetError, DatasetProblems, first_line
-from ichseg.io.nifti import as_hu, image_data, load_image
+from ichseg.io.nifti import as_hu, image_data, load_image, spacing_volume_ml
 
-Release = Literal["nifti", "jpg"]
-
-#: Subtype abbreviations, in the column order of the label CSVs.
-SUBTYPES: tuple[str, ...] = ("IVH", "IPH", "SAH", "EDH", "SDH")
-#: Subtype column names of the label CSVs, same order as :data:`SUBTYPES`.
-SUBTYPE_COLUMNS: tuple[str, ...] = (
-    "Intraventricular",
-    "Intraparenchymal",
-    "Subarachnoid",
-    "Epidural",
-    "Subdural",
-)
-LABEL_COLUMNS: tuple[str, ...] = (
-    "PatientNumber",
-    "SliceNumber",
-    *SUBTYPE_COLUMNS,
-    "No_Hemorrhage",
-    "Fracture_Yes_No",
-)
-LABEL_FILES: dict[str, str] = {
-    "nifti": "hemorrhage_diagnosis_raw_ct.csv",
-    "jpg": "hemorrhage_diagnosis.csv",
-}
-DEMOGRAPHICS_FILE = "patient_demographics.csv"  # matched case-insensitively
 #: Grey levels above this are mask in the (lossy) JPG masks.
 JPG_MASK_THRESHOLD = 127
 
-_NIFTI_NAME = re.compile(r"^(\d+)\.nii(?:\.gz)?$")
-_JPG_IMAGE_NAME = re.compile(r"^(\d+)\.jpg$", re.IGNORECASE)
-_JPG_MASK_NAME = re.compile(r"^(\d+)_HGE_Seg\.jpg$", re.IGNORECASE)
-_PATIENT_DIR = re.compile(r"^\d+$")
-
 
 # --------------------------------------------------------------------------- records
-
-
-@dataclass(frozen=True)
-class SliceLabels:
-    """Per-slice labels of one scan from the label CSV (index k is slice number k + 1)."""
-
-    subtypes: np.ndarray  # (N, 5) bool, order of SUBTYPES
-    no_hemorrhage: np.ndarray  # (N,) bool
-    fracture: np.ndarray  # (N,) bool
-
-    @property
-    def n_slices(self) -> int:
-        return int(self.subtypes.shape[0])
-
-    @property
-    def has_ich(self) -> np.ndarray:
-        """(N,) bool: the slice has any subtype."""
-        return self.subtypes.any(axis=1)
-
-    def patient_subtypes(self) -> np.ndarray:
-        """(5,) bool: subtypes present on any slice."""
-        return self.subtypes.any(axis=0)
-
-
-@dataclass(frozen=True)
-class Demographics:
-    """Patient-level facts from the demographics CSV (fields absent from the file are None)."""
-
-    age: float | None
-    gender: str | None
-    note: str | None = None
 
 
 @dataclass
@@ -134,9 +85,7 @@ class Scan:
     @property
     def voxel_volume_ml(self) -> float | None:
         """Volume of one voxel in mL from the header spacing (None without spacing)."""
-        if self.spacing is None:
-            return None
-        return float(np.prod(self.spacing)) / 1000.0
+        return None if self.spacing is None else spacing_volume_ml(self.spacing)
 
     def available_windows(self) -> tuple[str, ...]:
         """CT windows this scan can provide as channels."""
@@ -177,303 +126,6 @@ class Scan:
         if dtype == np.uint8:
             return volume
         return volume.astype(dtype) / np.asarray(255.0, dtype=dtype)
-
-
-# --------------------------------------------------------------------------- CSV readers
-
-
-def read_slice_labels(path: str | Path) -> dict[int, SliceLabels]:
-    """Read a label CSV (``hemorrhage_diagnosis*.csv``) into per-patient :class:`SliceLabels`.
-
-    Handles a UTF-8 byte-order mark and CRLF line endings. Slice numbers of each patient must run
-    1..N without gaps or repeats.
-    """
-    path = Path(path)
-    rows = _read_csv_rows(path)
-    if not rows:
-        raise DatasetError(f"{path}: the file is empty", path)
-    header = [cell.strip() for cell in rows[0]]
-    missing = [name for name in LABEL_COLUMNS if name not in header]
-    if missing:
-        raise DatasetError(f"{path}: missing column(s) {', '.join(missing)}", path)
-    column = [header.index(name) for name in LABEL_COLUMNS]
-    values: list[list[int]] = []
-    for line_number, row in enumerate(rows[1:], start=2):
-        if not any(cell.strip() for cell in row):
-            continue
-        try:
-            values.append([int(float(row[i])) for i in column])
-        except (ValueError, IndexError):
-            raise DatasetError(
-                f"{path}: line {line_number} has a missing or non-numeric value", path
-            ) from None
-    table = np.asarray(values, dtype=np.int64).reshape(-1, len(LABEL_COLUMNS))
-    flags = table[:, 2:] != 0
-    result: dict[int, SliceLabels] = {}
-    for patient in np.unique(table[:, 0]):
-        rows_of_patient = np.flatnonzero(table[:, 0] == patient)
-        slice_numbers = table[rows_of_patient, 1]
-        order = np.argsort(slice_numbers, kind="stable")
-        slice_numbers = slice_numbers[order]
-        expected = np.arange(1, len(slice_numbers) + 1)
-        if not np.array_equal(slice_numbers, expected):
-            raise DatasetError(
-                f"{path}: the slice numbers of patient {int(patient)} "
-                f"are not 1..{len(slice_numbers)} without gaps or repeats",
-                path,
-            )
-        patient_flags = flags[rows_of_patient[order]]
-        result[int(patient)] = SliceLabels(
-            subtypes=patient_flags[:, :5].copy(),
-            no_hemorrhage=patient_flags[:, 5].copy(),
-            fracture=patient_flags[:, 6].copy(),
-        )
-    return result
-
-
-def read_demographics(path: str | Path) -> dict[int, Demographics]:
-    """Read a demographics CSV of either release, matching columns by meaning.
-
-    Accepts the 1.0.0 header (``"Age\\n(years)"`` with a newline inside the quotes) and the 1.3.x
-    header (a merged subtype cell and a sub-header row). Rows without a patient number (sub-headers,
-    blank lines) are skipped.
-    """
-    path = Path(path)
-    rows = _read_csv_rows(path)
-    if not rows:
-        raise DatasetError(f"{path}: the file is empty", path)
-    header = [" ".join(cell.lower().split()) for cell in rows[0]]
-
-    def find(*keywords: str) -> int | None:
-        for index, name in enumerate(header):
-            if any(keyword in name for keyword in keywords):
-                return index
-        return None
-
-    patient_col = find("patient")
-    age_col = find("age")
-    gender_col = find("gender", "sex")
-    note_col = find("note")
-    if patient_col is None:
-        raise DatasetError(f"{path}: no patient-number column in the header", path)
-    if age_col is None:
-        raise DatasetError(f"{path}: no age column in the header", path)
-    result: dict[int, Demographics] = {}
-    for line_number, row in enumerate(rows[1:], start=2):
-        cell = row[patient_col].strip() if patient_col < len(row) else ""
-        if not cell:
-            continue
-        try:
-            patient = int(float(cell))
-        except ValueError:
-            raise DatasetError(
-                f"{path}: line {line_number} has patient number {cell!r}, not an integer", path
-            ) from None
-        result[patient] = Demographics(
-            age=_parse_float(row, age_col),
-            gender=_parse_text(row, gender_col),
-            note=_parse_text(row, note_col),
-        )
-    return result
-
-
-def _read_csv_rows(path: Path) -> list[list[str]]:
-    try:
-        text = path.read_bytes().decode("utf-8-sig")
-    except FileNotFoundError:
-        raise DatasetError(f"{path}: file not found", path) from None
-    except UnicodeDecodeError:
-        raise DatasetError(f"{path}: not a UTF-8 text file", path) from None
-    except OSError as err:
-        raise DatasetError(f"{path}: cannot be read ({err.strerror})", path) from None
-    return list(csv.reader(io.StringIO(text, newline="")))
-
-
-def _parse_float(row: list[str], column: int | None) -> float | None:
-    if column is None or column >= len(row):
-        return None
-    try:
-        value = float(row[column])
-    except ValueError:
-        return None
-    return None if math.isnan(value) else value
-
-
-def _parse_text(row: list[str], column: int | None) -> str | None:
-    if column is None or column >= len(row):
-        return None
-    return row[column].strip() or None
-
-
-# --------------------------------------------------------------------------- the index
-
-
-@dataclass
-class _PatientFiles:
-    """Where one patient's files are (no image decoded)."""
-
-    patient_id: int
-    image: Path  # NIfTI scan file, or the JPG patient folder
-    mask: Path | None = None  # NIfTI mask file
-    jpg_slices: dict[int, Path] = field(default_factory=dict)  # slice number -> brain JPG
-    jpg_masks: dict[int, Path] = field(default_factory=dict)
-    jpg_bone: dict[int, Path] = field(default_factory=dict)
-
-
-def find_release(root: str | Path) -> tuple[Path, Release]:
-    """Locate a CT-ICH release under ``root`` and say which one it is.
-
-    ``root`` may be the release folder itself or a folder holding exactly one release folder (as
-    unpacked from the PhysioNet archive).
-    """
-    root = Path(root)
-    if not root.exists():
-        raise DatasetError(f"{root}: dataset root does not exist", root)
-    if not root.is_dir():
-        raise DatasetError(f"{root}: dataset root is not a folder", root)
-    release = _release_of(root)
-    if release is not None:
-        return root, release
-    children = [child for child in sorted(root.iterdir()) if child.is_dir() and _release_of(child)]
-    if len(children) == 1:
-        return children[0], _release_of(children[0])  # type: ignore[return-value]
-    if not any(root.iterdir()):
-        raise DatasetError(f"{root}: dataset root is empty", root)
-    raise DatasetError(
-        f"{root}: not a CT-ICH release (expected ct_scans/ and masks/ for the NIfTI release 1.3.x, "
-        "or Patients_CT/ for the JPG release 1.0-1.2)",
-        root,
-    )
-
-
-def _release_of(folder: Path) -> Release | None:
-    if (folder / "ct_scans").is_dir() or (folder / "masks").is_dir():
-        return "nifti"
-    if (folder / "Patients_CT").is_dir():
-        return "jpg"
-    return None
-
-
-def _find_file(folder: Path, name: str) -> Path | None:
-    """``folder/name``, matching the name case-insensitively (``Patient_demographics.csv``)."""
-    exact = folder / name
-    if exact.is_file():
-        return exact
-    for candidate in sorted(folder.iterdir()):
-        if candidate.name.lower() == name.lower() and candidate.is_file():
-            return candidate
-    return None
-
-
-def _index_nifti(
-    root: Path, problems: list[DatasetError], seen: set[int]
-) -> dict[int, _PatientFiles]:
-    scans_dir, masks_dir = root / "ct_scans", root / "masks"
-    for folder in (scans_dir, masks_dir):
-        if not folder.is_dir():
-            problems.append(
-                DatasetError(
-                    f"{folder}: folder missing (the NIfTI release needs ct_scans/ and masks/)",
-                    folder,
-                )
-            )
-    scans = _nifti_files(scans_dir, problems)
-    masks = _nifti_files(masks_dir, problems)
-    patients: dict[int, _PatientFiles] = {}
-    for patient, scan_path in sorted(scans.items()):
-        mask_path = masks.get(patient)
-        if mask_path is None and masks_dir.is_dir():
-            problems.append(
-                DatasetError(f"{scan_path}: scan has no mask in {masks_dir}", scan_path)
-            )
-        patients[patient] = _PatientFiles(patient, scan_path, mask_path)
-    seen.update(scans, masks)
-    for patient, mask_path in sorted(masks.items()):
-        if patient not in scans and scans_dir.is_dir():
-            problems.append(
-                DatasetError(f"{mask_path}: mask has no scan in {scans_dir}", mask_path)
-            )
-    return patients
-
-
-def _nifti_files(folder: Path, problems: list[DatasetError]) -> dict[int, Path]:
-    found: dict[int, Path] = {}
-    if not folder.is_dir():
-        return found
-    for path in sorted(folder.iterdir()):
-        match = _NIFTI_NAME.match(path.name)
-        if not match:
-            continue
-        patient = int(match.group(1))
-        if patient in found:
-            problems.append(
-                DatasetError(
-                    f"{path}: patient {patient} has two files "
-                    f"({found[patient].name} and {path.name})",
-                    path,
-                )
-            )
-            continue
-        found[patient] = path
-    return found
-
-
-def _index_jpg(
-    root: Path, problems: list[DatasetError], seen: set[int]
-) -> dict[int, _PatientFiles]:
-    patients_dir = root / "Patients_CT"
-    patients: dict[int, _PatientFiles] = {}
-    if not patients_dir.is_dir():
-        problems.append(
-            DatasetError(
-                f"{patients_dir}: folder missing (the JPG release needs Patients_CT/)", patients_dir
-            )
-        )
-        return patients
-    for folder in sorted(patients_dir.iterdir()):
-        if not folder.is_dir() or not _PATIENT_DIR.match(folder.name):
-            continue
-        files = _PatientFiles(int(folder.name), folder)
-        seen.add(files.patient_id)
-        brain_dir, bone_dir = folder / "brain", folder / "bone"
-        if not brain_dir.is_dir():
-            problems.append(DatasetError(f"{brain_dir}: folder missing", brain_dir))
-            continue
-        for path in brain_dir.iterdir():
-            if match := _JPG_IMAGE_NAME.match(path.name):
-                files.jpg_slices[int(match.group(1))] = path
-            elif match := _JPG_MASK_NAME.match(path.name):
-                files.jpg_masks[int(match.group(1))] = path
-        if bone_dir.is_dir():
-            for path in bone_dir.iterdir():
-                if match := _JPG_IMAGE_NAME.match(path.name):
-                    files.jpg_bone[int(match.group(1))] = path
-        if not files.jpg_slices:
-            problems.append(DatasetError(f"{brain_dir}: no slice images (K.jpg)", brain_dir))
-            continue
-        numbers = sorted(files.jpg_slices)
-        if numbers != list(range(1, len(numbers) + 1)):
-            gaps = sorted(set(range(1, numbers[-1] + 1)) - set(numbers))
-            problems.append(
-                DatasetError(
-                    f"{brain_dir}: slice images are not numbered 1..N "
-                    f"(missing {_short_list(gaps)})",
-                    brain_dir,
-                )
-            )
-            continue
-        for number, mask_path in sorted(files.jpg_masks.items()):
-            if number not in files.jpg_slices:
-                problems.append(
-                    DatasetError(f"{mask_path}: mask has no slice image {number}.jpg", mask_path)
-                )
-        patients[files.patient_id] = files
-    return patients
-
-
-def _short_list(values: Sequence[int], limit: int = 8) -> str:
-    shown = ", ".join(str(v) for v in values[:limit])
-    return shown + (", ..." if len(values) > limit else "")
 
 
 # --------------------------------------------------------------------------- the dataset

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ichseg.data.labels import SUBTYPES
 from ichseg.errors import ConfigError
 from ichseg.eval.counts import (
     DEFAULT_THRESHOLDS,
@@ -33,8 +34,8 @@ __all__ = ["DEFAULT_THRESHOLDS", "SliceCounts", "count_slices", "score_probabili
 PAPER_MIN_AREA = 400.0
 #: Pixels of a working-resolution slice (the unit of ``min_area``).
 WORKING_AREA = 640 * 640
-#: Subtype names, in the order of the label CSV columns.
-SUBTYPE_NAMES: tuple[str, ...] = ("IVH", "IPH", "SAH", "EDH", "SDH")
+#: The ICH subtypes, in the label CSVs' order (one owner: :data:`ichseg.data.labels.SUBTYPES`).
+SUBTYPE_NAMES: tuple[str, ...] = SUBTYPES
 #: Age groups of the paper.
 AGE_GROUPS: tuple[str, ...] = ("<18", ">=18")
 
