@@ -23,15 +23,18 @@ from pathlib import Path
 
 import numpy as np
 
-from ichseg.data.labels import (  # re-exported: the dataset's records
+from ichseg.data.labels import (  # the dataset's records, also importable from here
     DEMOGRAPHICS_FILE,
+    LABEL_COLUMNS,
     LABEL_FILES,
+    SUBTYPE_COLUMNS,
+    SUBTYPES,
     Demographics,
     SliceLabels,
     read_demographics,
     read_slice_labels,
 )
-from ichseg.data.layout import (  # re-exported: finding a release
+from ichseg.data.layout import (  # finding a release's files, also importable from here
     Release,
     _find_file,
     _index_jpg,
@@ -42,6 +45,12 @@ from ichseg.data.layout import (  # re-exported: finding a release
 from ichseg.data.windowing import apply_window
 from ichseg.errors import ConfigError, DatasetError, DatasetProblems, first_line
 from ichseg.io.nifti import as_hu, image_data, load_image, spacing_volume_ml
+
+__all__ = [
+    "DEMOGRAPHICS_FILE", "JPG_MASK_THRESHOLD", "LABEL_COLUMNS", "LABEL_FILES", "SUBTYPES",
+    "SUBTYPE_COLUMNS", "CTICHDataset", "Demographics", "Release", "Scan", "SliceLabels",
+    "find_release", "index_dataset", "open_dataset", "read_demographics", "read_slice_labels",
+]  # fmt: skip
 
 #: Grey levels above this are mask in the (lossy) JPG masks.
 JPG_MASK_THRESHOLD = 127
