@@ -58,10 +58,10 @@ def test_training_batches_are_cuda_ready(roots, release) -> None:
     assert mask.shape == (16, 1, 32, 32) and mask.dtype == torch.float32
     assert 0.0 <= image.min() and image.max() <= 1.0
     assert set(mask.unique().tolist()) <= {0.0, 1.0}
-    for key in ("patient", "slice", "window"):
+    for key in ("patient", "slice", "tile"):
         assert batch[key].dtype == torch.int64 and batch[key].shape == (16,)
     assert set(batch["patient"].tolist()) <= set(module.cv_round.train)
-    assert ((batch["window"] >= 0) & (batch["window"] < 49)).all()
+    assert ((batch["tile"] >= 0) & (batch["tile"] < 49)).all()
     assert (batch["slice"] >= 1).all()
 
 
@@ -69,9 +69,9 @@ def test_windows_match_the_store_without_augmentation(roots) -> None:
     module = make(roots)
     store, grid = module.store, module.grid
     batch = next(iter(module.val_dataloader()))
-    for i in range(len(batch["window"])):
+    for i in range(len(batch["tile"])):
         row = store.rows_of(int(batch["patient"][i])).start + int(batch["slice"][i]) - 1
-        r, c = grid.corners[int(batch["window"][i])]
+        r, c = grid.corners[int(batch["tile"][i])]
         expected = store.images[row, :, r : r + 32, c : c + 32] / 255.0
         np.testing.assert_allclose(batch["image"][i].numpy(), expected, atol=1e-6)
         np.testing.assert_array_equal(
@@ -136,7 +136,7 @@ def test_full_slice_mode(roots) -> None:
     module = make(roots, mode="full_slice", batch_size=4)
     batch = next(iter(module.train_dataloader()))
     assert batch["image"].shape == (4, 1, 128, 128)
-    assert (batch["window"] == -1).all()
+    assert (batch["tile"] == -1).all()
     assert (batch["mask"].flatten(1).sum(dim=1) > 0).all()  # ICH slices only, by default
     ich_slices = int((module.tile_counts("train")[:, 0] > 0).sum())
     assert len(module.train_dataloader().dataset) == ich_slices
@@ -195,8 +195,8 @@ def test_cache_is_memory_mapped_reused_and_pickled_by_path(roots, tmp_path) -> N
 def test_workers_give_the_same_windows_as_one_process(roots) -> None:
     serial = make(roots, num_workers=0)
     parallel = make(roots, num_workers=2)
-    a = torch.cat([b["window"] + 1000 * b["slice"] for b in serial.train_dataloader()])
-    b = torch.cat([b["window"] + 1000 * b["slice"] for b in parallel.train_dataloader()])
+    a = torch.cat([b["tile"] + 1000 * b["slice"] for b in serial.train_dataloader()])
+    b = torch.cat([b["tile"] + 1000 * b["slice"] for b in parallel.train_dataloader()])
     assert torch.equal(a, b)
 
 
@@ -221,7 +221,7 @@ def test_lightning_fit_resamples_negatives_each_epoch(roots, tmp_path) -> None:
             self.conv = torch.nn.Conv2d(1, 1, 1)
 
         def training_step(self, batch, _):
-            ids = (batch["patient"] * 100_000 + batch["slice"] * 100 + batch["window"]).tolist()
+            ids = (batch["patient"] * 100_000 + batch["slice"] * 100 + batch["tile"]).tolist()
             seen.setdefault(self.current_epoch, set()).update(ids)
             return torch.nn.functional.binary_cross_entropy_with_logits(
                 self.conv(batch["image"]), batch["mask"]
@@ -349,3 +349,8 @@ def test_phantom_spec_is_validated() -> None:
     for bad in ({"release": "dicom"}, {"patients": 0}, {"slices": [5, 3]}, {"sizes": 3}):
         with pytest.raises(ConfigError, match="phantom"):
             PhantomSpec.coerce(bad)
+
+
+def test_a_batch_names_the_tile_position_tile_and_keeps_the_earlier_key(roots) -> None:
+    batch = next(iter(make(roots).train_dataloader()))
+    assert batch["tile"] is batch["window"] and batch["tile"].dtype == torch.int64

@@ -117,7 +117,7 @@ def test_same_seed_gives_identical_training_windows(tmp_path):
         for epoch in range(2):
             loader.sampler.set_epoch(epoch)
             epochs.append(
-                torch.cat([torch.stack([b["patient"], b["slice"], b["window"]], 1) for b in loader])
+                torch.cat([torch.stack([b["patient"], b["slice"], b["tile"]], 1) for b in loader])
             )
         windows.append(epochs)
     assert torch.equal(windows[0][0], windows[1][0]) and torch.equal(windows[0][1], windows[1][1])

@@ -69,7 +69,7 @@ def checkpoint_meta(cfg: DictConfig, datamodule: Any, callbacks: Sequence[Any]) 
     scored (:func:`ichseg.checkpoint.make_meta`): the DataModule's resolved input spec and the
     stitched evaluation's inference spec (the defaults without that callback)."""
     from ichseg.checkpoint import make_meta
-    from ichseg.eval.callback import StitchedEvaluation
+    from ichseg.lit.callbacks.stitched_eval import StitchedEvaluation
     from ichseg.specs import InferenceSpec
 
     evaluation = next((c for c in callbacks if isinstance(c, StitchedEvaluation)), None)

@@ -27,8 +27,8 @@ class TileDataset(Dataset):
 
     ``__getitems__`` builds a whole batch at once (one crop copy, augmentation per tile, one
     uint8 -> float32 conversion) and returns the batch dict; use :func:`collate_batch` as the
-    loader's ``collate_fn``. ``whole_slices`` marks a one-tile grid: the batch's ``window`` (the
-    tile's grid position; the key keeps its earlier name) is -1.
+    loader's ``collate_fn``. The batch's ``tile`` is each tile's grid position (also under its
+    earlier key ``window``, for one release); ``whole_slices`` marks a one-tile grid: it is -1.
     ``context_slices`` ``k > 0`` gives 2.5D input: the same tile of the slices ``s - k .. s + k``
     of the patient (clamped at its first and last slice) stacked as channels, ``(2k + 1) * C`` in
     all (slice-major), cropped from the one store by index arithmetic; the mask is slice ``s``'s.
@@ -90,13 +90,15 @@ class TileDataset(Dataset):
             torch.from_numpy(np.ascontiguousarray(images)).to(torch.float32).mul_(1.0 / 255.0)
         )
         mask_tensor = torch.from_numpy(np.ascontiguousarray(masks)).to(torch.float32).unsqueeze_(1)
-        window = np.full(rows.size, -1, dtype=np.int64) if self.whole_slices else positions
+        tile = np.full(rows.size, -1, dtype=np.int64) if self.whole_slices else positions
+        tile_tensor = torch.from_numpy(np.ascontiguousarray(tile, dtype=np.int64))
         return {
             "image": image_tensor.contiguous(),
             "mask": mask_tensor,
             "patient": torch.from_numpy(self.store.patients[rows].astype(np.int64)),
             "slice": torch.from_numpy(self.store.slice_numbers[rows].astype(np.int64)),
-            "window": torch.from_numpy(np.ascontiguousarray(window, dtype=np.int64)),
+            "tile": tile_tensor,
+            "window": tile_tensor,  # the earlier name of "tile", for one release
         }
 
     def _augment(self, images: np.ndarray, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

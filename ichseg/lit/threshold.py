@@ -222,10 +222,11 @@ class ThresholdModule(pl.LightningModule):
         self._count_step()
         if self.resolved_source() != "batches":
             return None
-        if "window" in batch and bool((batch["window"] >= 0).any()):
+        tiles = batch.get("tile", batch.get("window"))
+        if tiles is not None and bool((tiles >= 0).any()):
             raise ConfigError(
                 "the threshold baseline fitted from batches needs whole slices "
-                "(data.mode=full_slice), not windows; or use model.source=store"
+                "(data.mode=full_slice), not tiles; or use model.source=store"
             )
         images = self.net.to_levels(batch["image"])[:, 0].to(torch.uint8).cpu().numpy()
         masks = (batch["mask"][:, 0] > 0.5).cpu().numpy()
