@@ -115,6 +115,13 @@ def test_module_fits_from_batches_in_a_trainer(tmp_path, objective, precision):
     assert state["ichseg"]["threshold_band"]["upper"] == expected.upper
     loaded = ThresholdModule.load_from_checkpoint(best, weights_only=True)
     assert (int(loaded.net.lower), int(loaded.net.upper)) == (expected.lower, expected.upper)
+    # a checkpoint of an earlier release holds output_dir among its hyperparameters
+    earlier = tmp_path / "earlier.ckpt"
+    state["hyper_parameters"]["output_dir"] = str(tmp_path / "old-run")
+    torch.save(state, earlier)
+    with pytest.warns(FutureWarning, match="callbacks.threshold_report.output_dir"):
+        old = ThresholdModule.load_from_checkpoint(earlier, weights_only=True)
+    assert int(old.net.upper) == expected.upper and "output_dir" not in old.hparams
     summary = json.loads((tmp_path / "run" / "threshold_search.json").read_text())
     assert summary["lower"] == expected.lower and summary["source"] == "batches"
     assert "fold" not in summary  # no DataModule: no round to name

@@ -8,6 +8,7 @@ evaluation and TensorBoard as the networks. The search files are written by
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -116,14 +117,22 @@ class ThresholdModule(pl.LightningModule):
         image_log_every_n_epochs: int = 1,
         image_log_samples: int = 8,
         meta: Mapping[str, Any] | None = None,
+        output_dir: str | None = None,
     ) -> None:
         super().__init__()
+        if output_dir is not None:  # checkpoints of earlier releases carry it in their hparams
+            warnings.warn(
+                "ThresholdModule(output_dir=...) is ignored: the search files now go where "
+                "callbacks.threshold_report.output_dir says",
+                FutureWarning,
+                stacklevel=2,
+            )
         # plain values first: checkpoints must load with weights_only=True (no ListConfig)
         lower_range = [int(v) for v in lower_range]
         upper_range = [int(v) for v in upper_range]
         _check_range("lower_range", lower_range)
         _check_range("upper_range", upper_range)
-        self.save_hyperparameters(ignore=["net", "meta"], logger=False)
+        self.save_hyperparameters(ignore=["net", "meta", "output_dir"], logger=False)
         self.automatic_optimization = False
         self.net = net if net is not None else IntensityBand()
         self.lower_range = tuple(lower_range)
