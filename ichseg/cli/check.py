@@ -6,17 +6,16 @@ status 0 when the dataset is clean and 2 on problems. See docs/data.md.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 from ichseg.data.check import check_dataset
-from ichseg.utils.cli import EXIT_USAGE, run_cli
+from ichseg.utils.cli import EXIT_USAGE, ArgumentParser, run_cli
 
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point: print the report, exit 0 when clean and 2 on problems."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m ichseg.data.check",
         description="Check a PhysioNet CT-ICH release (NIfTI 1.3.x or JPG 1.0-1.2) "
         "and summarise it.",

@@ -19,6 +19,7 @@ from ichseg.data.phantom import (
     parse_slices,
 )
 from ichseg.errors import ConfigError
+from ichseg.utils.cli import ArgumentParser
 
 PROG = "python -m ichseg.data.phantom"
 
@@ -45,8 +46,8 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def _build_parser() -> ArgumentParser:
+    parser = ArgumentParser(
         prog=_prog(),
         description="Write a synthetic head-CT dataset in the exact layout of a PhysioNet CT-ICH "
         "release, so that readers and experiments run without the real download.",

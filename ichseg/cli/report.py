@@ -18,7 +18,6 @@ Examples::
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -29,15 +28,15 @@ from ichseg.eval.cv import (
     cross_validation_report,
     default_out_dir,
 )
-from ichseg.utils.cli import run_cli
+from ichseg.utils.cli import ArgumentParser, run_cli
 
 __all__ = ["build_parser", "collect_runs", "cross_validation_report", "default_out_dir", "main"]
 
 PROG = "ichseg.report"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(
         prog=f"python -m {PROG}",
         description="Merge the test evaluations of cross-validation folds into the paper's "
         "tables over all test patients.",

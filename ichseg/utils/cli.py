@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Callable
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 from ichseg.errors import IchsegError
 
@@ -53,3 +54,12 @@ def hydra_error_line(err: BaseException) -> str:
         if text not in parts:
             parts.append(text)
     return "; ".join(parts)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """An :class:`argparse.ArgumentParser` whose usage errors are one line,
+    ``prog: error: <message> (see --help)``, and exit status 2, like every other ichseg error."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
