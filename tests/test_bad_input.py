@@ -629,12 +629,169 @@ def test_predict(case, predict_phantom, checkpoint, tmp_path, capsys, monkeypatc
     assert not (tmp_path / "PWNED").exists()
 
 
+# --------------------------------------------------------------------------- ichseg.train
+
+
+def _fake_run_folder(run: Path) -> None:
+    """What an earlier run leaves in its folder."""
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"an earlier run's weights")
+    (run / "report.md").write_text("an earlier run's report")
+
+
+def train_fold_not_a_number(tmp, ctx):
+    return ["data.fold=abc"], ["data.fold", "abc"]
+
+
+def train_fold_out_of_range(tmp, ctx):
+    return ["data.fold=7"], ["data.fold", "7"]
+
+
+def train_max_epochs_not_a_number(tmp, ctx):
+    return ["trainer.max_epochs=abc"], ["trainer.max_epochs", "abc"]
+
+
+def train_learning_rate_not_a_number(tmp, ctx):
+    return ["model.optimizer.lr=abc"], ["model.optimizer.lr", "abc"]
+
+
+def train_seed_not_a_number(tmp, ctx):
+    return ["seed=abc"], ["seed", "abc"]
+
+
+def train_zero_batch_size(tmp, ctx):
+    return ["data.batch_size=0"], ["batch_size", "0"]
+
+
+def train_tile_larger_than_the_slice(tmp, ctx):
+    return ["data.tile_size=512"], ["512"]
+
+
+def train_unknown_key(tmp, ctx):
+    return ["foo=1"], ["foo"]
+
+
+def train_unknown_data_key(tmp, ctx):
+    return ["data.foo=1"], ["data.foo"]
+
+
+def train_added_key_the_constructor_does_not_take(tmp, ctx):
+    return ["+data.windw=32"], ["data.windw"]
+
+
+def train_unknown_model_option(tmp, ctx):
+    return ["model=nope"], ["model", "nope"]
+
+
+def train_unknown_experiment(tmp, ctx):
+    return ["experiment=nope"], ["experiment", "nope"]
+
+
+def train_missing_checkpoint(tmp, ctx):
+    return [f"ckpt_path={tmp / 'nope.ckpt'}"], ["nope.ckpt"]
+
+
+def train_checkpoint_of_random_bytes(tmp, ctx):
+    (tmp / "random.ckpt").write_bytes(np.random.default_rng(0).bytes(4096))
+    return [f"ckpt_path={tmp / 'random.ckpt'}"], ["random.ckpt"]
+
+
+def train_checkpoint_with_a_malicious_pickle(tmp, ctx):
+    torch.save({"ichseg": make_meta(), "state_dict": {}, "payload": _Payload()}, tmp / "evil.ckpt")
+    return [f"ckpt_path={tmp / 'evil.ckpt'}"], ["evil.ckpt"]
+
+
+def train_resume_without_last_checkpoint(tmp, ctx):
+    return ["ckpt_path=last"], ["last.ckpt"]
+
+
+def train_missing_splits_file(tmp, ctx):
+    return [f"data.splits_file={tmp / 'splts.json'}"], ["splts.json"]
+
+
+def train_missing_data_root(tmp, ctx):
+    return ["data=ctich", f"data.root={tmp / 'ct-ihc'}"], ["ct-ihc"]
+
+
+def train_demo_with_a_mistyped_root(tmp, ctx):
+    return [f"data.root={tmp / 'phantm'}"], ["phantm"]
+
+
+def train_unwritable_log_folder(tmp, ctx):
+    (tmp / "locked").mkdir()
+    (tmp / "locked").chmod(0o500)
+    return [f"paths.log_dir={tmp / 'locked' / 'logs'}"], [str(tmp / "locked")]
+
+
+def train_gpu_without_a_gpu(tmp, ctx):
+    return ["trainer.accelerator=gpu"], ["gpu"]
+
+
+def train_earlier_run_in_the_folder(tmp, ctx):
+    _fake_run_folder(ctx.run)
+    return [], ["ckpt_path=last", str(ctx.run)]
+
+
+TRAIN_CASES: dict[str, Builder] = {
+    name.removeprefix("train_"): builder
+    for name, builder in dict(globals()).items()
+    if name.startswith("train_") and callable(builder)
+}
+if torch.cuda.is_available():
+    del TRAIN_CASES["gpu_without_a_gpu"]
+
+
+class TrainContext:
+    """A tiny demo run into ``tmp/run`` on the session's phantom."""
+
+    def __init__(self, tmp: Path, phantom: PhantomManifest) -> None:
+        self.run = tmp / "run"
+        self.base = [
+            "experiment=demo",
+            f"data.root={phantom.root}",
+            f"hydra.run.dir={self.run}",
+            f"paths.log_dir={tmp / 'logs'}",
+            "data.working_size=96",
+            "data.tile_size=32",
+            "data.tile_stride=16",
+            "data.k=3",
+            "model.net.base_filters=4",
+            "model.net.depth=2",
+            "trainer.max_epochs=1",
+        ]
+
+
+@pytest.mark.parametrize("case", sorted(TRAIN_CASES))
+def test_train(case, nifti_phantom, tmp_path, capsys, monkeypatch):
+    from ichseg.cli.train import main
+
+    if case == "unwritable_log_folder" and IS_ROOT:
+        pytest.skip("permissions do not bind root")
+    monkeypatch.chdir(tmp_path)
+    context = TrainContext(tmp_path, nifti_phantom)
+    extra, expected = TRAIN_CASES[case](tmp_path, context)
+    argv = [*context.base, *extra]
+
+    def run(arguments: list[str]) -> int:
+        monkeypatch.setattr(sys, "argv", ["ichseg.train", *arguments])
+        return main()
+
+    try:
+        assert_refused(run, argv, expected, tmp_path, capsys, "ichseg.train")
+    finally:
+        for path in tmp_path.rglob("*"):
+            if path.is_dir():
+                path.chmod(0o755)
+    assert not (tmp_path / "PWNED").exists()
+
+
 def test_the_matrix_covers_every_command_with_sixty_cases():
     counts = {
         "check": len(CHECK_CASES),
         "phantom": len(PHANTOM_CASES),
         "report": len(REPORT_CASES),
         "predict": len(PREDICT_CASES),
+        "train": len(TRAIN_CASES),
     }
     assert all(count >= 10 for count in counts.values()), counts
     assert sum(counts.values()) >= 60, counts
