@@ -35,6 +35,11 @@ class DatasetProblems(DatasetError):
         super().__init__(f"{len(self.problems)} problem(s) found:\n{lines}")
 
 
+class DatasetWarning(UserWarning):
+    """A file in a dataset that a reader skips (e.g. ``ct_scans/abc.nii``, not a patient number);
+    the message names the file. The dataset check lists these as warning lines."""
+
+
 class ConfigError(IchsegError):
     """A configuration value is invalid or inconsistent."""
 

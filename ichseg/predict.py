@@ -43,11 +43,20 @@ from ichseg.inference.scans import (
     predict_file,
     predict_files,
     prepare_output,
+    read_volumes,
     resolve_device,
     volume_stats,
     write_volumes,
 )
-from ichseg.io.nifti import NIFTI_SUFFIXES, UNIT_MM, as_hu, nifti_stem, save_like, voxel_volume_ml
+from ichseg.io.nifti import (
+    NIFTI_SUFFIXES,
+    UNIT_MM,
+    as_hu,
+    nifti_stem,
+    save_like,
+    voxel_spacing_mm,
+    voxel_volume_ml,
+)
 from ichseg.io.nifti import read_ct as load_nifti
 
 __all__ = [
@@ -57,8 +66,8 @@ __all__ = [
     "PredictionFailures", "ScanInput", "ScanResult", "VolumeStats", "as_hu", "build_net",
     "compose_predict_config", "find_inputs", "load_nifti", "load_predictor", "main",
     "network_weights", "nifti_stem", "operating_point_line", "predict_file", "predict_files",
-    "prepare_output", "read_checkpoint", "resolve_device", "run", "save_like", "usage",
-    "voxel_volume_ml", "volume_stats", "write_volumes",
+    "prepare_output", "read_checkpoint", "read_volumes", "resolve_device", "run", "save_like",
+    "usage", "voxel_spacing_mm", "voxel_volume_ml", "volume_stats", "write_volumes",
 ]  # fmt: skip
 
 if __name__ == "__main__":

@@ -508,7 +508,7 @@ def test_overwrite_refuses_a_folder_with_foreign_files(tmp_path: Path) -> None:
     out = tmp_path / "home"
     out.mkdir()
     (out / "thesis.tex").write_text("precious")
-    with pytest.raises(DatasetError, match="not part of a CT-ICH dataset"):
+    with pytest.raises(DatasetError, match="thesis.tex, which is not a file of an ichseg phantom"):
         generate_phantom(out, n_patients=1, n_slices=2, size=64, overwrite=True)
     assert (out / "thesis.tex").read_text() == "precious"
 

@@ -22,15 +22,17 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ichseg.checkpoint import load_model
-from ichseg.errors import ConfigError
+from ichseg.errors import ConfigError, IchsegError
 from ichseg.inference.scans import (
     VOLUMES_FILE,
+    PredictionFailures,
     ScanResult,
     find_inputs,
     load_predictor,
     operating_point_line,
     predict_files,
     prepare_output,
+    read_volumes,
 )
 from ichseg.io.nifti import read_ct
 from ichseg.specs import InferenceSpec
@@ -148,9 +150,16 @@ def run(cfg: Any) -> list[ScanResult]:
     from tqdm.auto import tqdm
 
     scans = find_inputs(Path(str(cfg.input)).expanduser())
-    for scan in scans:  # fail before the model loads on a scan that is not a readable 3D volume
-        read_ct(scan.path, header_only=True)
+    unreadable: list[IchsegError] = []
+    for scan in scans:  # a scan that is not a readable 3D volume fails alone (predict_files)...
+        try:
+            read_ct(scan.path, header_only=True)
+        except IchsegError as err:
+            unreadable.append(err)
+    if len(unreadable) == len(scans):  # ...but with none readable, fail before the model loads
+        raise unreadable[0] if len(unreadable) == 1 else PredictionFailures([], unreadable)
     output = prepare_output(Path(str(cfg.output)).expanduser())
+    read_volumes(output / VOLUMES_FILE)  # an unreadable or foreign volumes.csv: before the model
     model = load_model(Path(str(cfg.ckpt)).expanduser())
     given = OmegaConf.to_container(cfg.inference, resolve=True)
     predictor = load_predictor(model, cfg.device, **given)

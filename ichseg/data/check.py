@@ -9,6 +9,7 @@ listed, one line each naming the file and what is wrong, and the exit status is 
 from __future__ import annotations
 
 import sys
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ichseg.data.ctich import SUBTYPES, CTICHDataset, Scan, index_dataset
-from ichseg.errors import DatasetError
+from ichseg.errors import DatasetError, DatasetWarning
 
 
 @dataclass
@@ -75,7 +76,16 @@ def check_dataset(root: str | Path, progress: bool = False) -> CheckReport:
     (never raises on data).
     """
     report = CheckReport(root=Path(root))
-    dataset, report.problems = index_dataset(root)
+    with warnings.catch_warnings(record=True) as skipped:
+        warnings.simplefilter("always", DatasetWarning)
+        dataset, report.problems = index_dataset(root)
+    for warning in skipped:
+        if issubclass(warning.category, DatasetWarning):
+            report.warnings.append(str(warning.message))
+        else:  # not ours: shown as usual
+            warnings.warn_explicit(
+                warning.message, warning.category, warning.filename, warning.lineno
+            )
     if dataset is None:
         return report
     report.root, report.release = dataset.root, dataset.release

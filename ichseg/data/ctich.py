@@ -17,6 +17,7 @@ dataset check (``python -m ichseg.data.check``).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +45,7 @@ from ichseg.data.layout import (  # finding a release's files, also importable f
 )
 from ichseg.data.windowing import apply_window
 from ichseg.errors import ConfigError, DatasetError, DatasetProblems, first_line
-from ichseg.io.nifti import as_hu, image_data, load_image, spacing_volume_ml
+from ichseg.io.nifti import as_hu, image_data, load_image, spacing_volume_ml, voxel_spacing_mm
 
 __all__ = [
     "DEMOGRAPHICS_FILE", "JPG_MASK_THRESHOLD", "LABEL_COLUMNS", "LABEL_FILES", "SUBTYPES",
@@ -336,10 +337,14 @@ def _load_nifti(files: _PatientFiles, labels: SliceLabels) -> Scan:
 def _read_nifti(
     path: Path, want_hu: bool
 ) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
-    """Decode a NIfTI volume: int16 HU (``want_hu``) or a bool mask (``> 0``)."""
+    """Decode a NIfTI volume: int16 HU (``want_hu``) or a bool mask (``> 0``).
+
+    The scan's spacing comes from its raw header (:func:`~ichseg.io.nifti.voxel_spacing_mm`: zero,
+    negative or non-finite voxel sizes are an error, never 1 mm); a mask's is not used.
+    """
     img = load_image(path)
+    spacing = voxel_spacing_mm(path, img) if want_hu else (math.nan,) * 3
     data = image_data(img, path)
-    spacing = tuple(float(z) for z in img.header.get_zooms()[:3])
     affine = np.asarray(img.affine, dtype=np.float64)
     if not want_hu:
         if data.dtype.kind == "f" and np.isnan(data).any():

@@ -8,12 +8,13 @@ files without decoding any image, one problem one sentence naming the file (docs
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from ichseg.errors import DatasetError
+from ichseg.errors import DatasetError, DatasetWarning
 
 Release = Literal["nifti", "jpg"]
 
@@ -69,6 +70,13 @@ def _release_of(folder: Path) -> Release | None:
     return None
 
 
+def _skipped(path: Path, expected: str) -> None:
+    """Warn (:class:`~ichseg.errors.DatasetWarning`) that ``path`` is not read: its name is not
+    one of the release's. Hidden files (``.DS_Store``) are skipped silently."""
+    if not path.name.startswith("."):
+        warnings.warn(f"{path}: skipped, the name is not {expected}", DatasetWarning, stacklevel=3)
+
+
 def _find_file(folder: Path, name: str) -> Path | None:
     """``folder/name``, matching the name case-insensitively (``Patient_demographics.csv``)."""
     exact = folder / name
@@ -118,6 +126,7 @@ def _nifti_files(folder: Path, problems: list[DatasetError]) -> dict[int, Path]:
     for path in sorted(folder.iterdir()):
         match = _NIFTI_NAME.match(path.name)
         if not match:
+            _skipped(path, "a patient number (NNN.nii or NNN.nii.gz)")
             continue
         patient = int(match.group(1))
         if patient in found:
@@ -147,6 +156,7 @@ def _index_jpg(
         return patients
     for folder in sorted(patients_dir.iterdir()):
         if not folder.is_dir() or not _PATIENT_DIR.match(folder.name):
+            _skipped(folder, "a patient folder (NNN/)")
             continue
         files = _PatientFiles(int(folder.name), folder)
         seen.add(files.patient_id)
@@ -159,10 +169,14 @@ def _index_jpg(
                 files.jpg_slices[int(match.group(1))] = path
             elif match := _JPG_MASK_NAME.match(path.name):
                 files.jpg_masks[int(match.group(1))] = path
+            else:
+                _skipped(path, "a slice image or mask (K.jpg or K_HGE_Seg.jpg)")
         if bone_dir.is_dir():
             for path in bone_dir.iterdir():
                 if match := _JPG_IMAGE_NAME.match(path.name):
                     files.jpg_bone[int(match.group(1))] = path
+                else:
+                    _skipped(path, "a slice image (K.jpg)")
         if not files.jpg_slices:
             problems.append(DatasetError(f"{brain_dir}: no slice images (K.jpg)", brain_dir))
             continue

@@ -13,7 +13,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from ichseg.data.tiles import TileGrid, pack_masks, tile_positive_counts, unpack
 from ichseg.data.tiles import context_rows as clamped_context_rows
 from ichseg.data.windowing import WINDOWS, to_working_size
 from ichseg.errors import ConfigError, DatasetError
+from ichseg.utils.atomic import make_temp_dir
 
 #: Bump when the cache layout or its content changes (2: the original-grid masks and scan records).
 CACHE_VERSION = 2
@@ -330,7 +330,7 @@ def build_slice_store(
                 final,
             ) from None
     cache_dir.mkdir(parents=True, exist_ok=True)
-    temporary = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=cache_dir))
+    temporary = make_temp_dir(cache_dir, prefix=f".{final.name}.")
     try:
         store = _fill_store(dataset, patients, channels, size, working_mode, directory=temporary)
         meta = {

@@ -47,7 +47,12 @@ def _natural_key(path: Path) -> list[Any]:
 
 def find_fold_dirs(path: str | os.PathLike[str], split: str = "test") -> list[Path]:
     """Folders at or below ``path`` holding a ``report.json`` of a ``split`` evaluation and its
-    ``counts.npz``, in natural order (``2`` before ``10``)."""
+    ``counts.npz``, in natural order (``2`` before ``10``).
+
+    A ``report.json`` that is not valid JSON or not an ichseg evaluation report (another format,
+    the wrong types) is a :class:`ReportError` naming it and what is wrong, never silently
+    skipped.
+    """
     root = Path(path)
     if not root.exists():
         raise ReportError(f"{root}: no such file or directory", root)
@@ -62,10 +67,31 @@ def find_fold_dirs(path: str | os.PathLike[str], split: str = "test") -> list[Pa
         except (OSError, ValueError):
             raise ReportError(f"{report_path}: cannot read the report (not valid JSON)",
                               report_path) from None  # fmt: skip
-        if isinstance(document, dict) and document.get("format") == REPORT_FORMAT:
-            if document.get("split", "test") == split:
-                found.append(report_path.parent)
+        problem = _schema_problem(document)
+        if problem is not None:
+            raise ReportError(f"{report_path}: {problem}", report_path)
+        if document.get("split", "test") == split:
+            found.append(report_path.parent)
     return sorted(found, key=_natural_key)
+
+
+def _schema_problem(document: Any) -> str | None:
+    """What makes a parsed ``report.json`` not an evaluation report of ichseg (None if it is)."""
+    if not isinstance(document, dict):
+        return f"not an ichseg evaluation report (a JSON {type(document).__name__}, not an object)"
+    if document.get("format") != REPORT_FORMAT:
+        return (
+            f"not an ichseg evaluation report (format {document.get('format')!r}, expected "
+            f"{REPORT_FORMAT!r})"
+        )
+    split = document.get("split", "test")
+    if not isinstance(split, str):
+        return f"the report's split is {split!r}, not a name such as 'test'"
+    for key, kind in (("settings", dict), ("patient_info", dict)):
+        value = document.get(key)
+        if value is not None and not isinstance(value, kind):
+            return f"the report's {key!r} is a JSON {type(value).__name__}, not an object"
+    return None
 
 
 @dataclass(frozen=True)

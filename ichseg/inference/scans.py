@@ -24,9 +24,9 @@ from scipy import ndimage
 
 from ichseg.checkpoint import TrainedModel, load_model
 from ichseg.data.ctich import find_release
-from ichseg.errors import ConfigError, DatasetError, IchsegError
+from ichseg.errors import ConfigError, DatasetError, IchsegError, first_line
 from ichseg.inference.predictor import Predictor
-from ichseg.io.nifti import nifti_stem, read_ct, save_like, voxel_volume_ml
+from ichseg.io.nifti import nifti_stem, read_ct, save_like, spacing_volume_ml, voxel_spacing_mm
 from ichseg.utils.atomic import atomic_write_text
 
 MASK_SUFFIX = "_ich"
@@ -179,11 +179,15 @@ def predict_file(
     start = time.perf_counter()
     hu, image = read_ct(scan.path)
     assert hu is not None
-    probabilities, mask = predictor.predict_hu(hu, progress)
+    voxel_ml = spacing_volume_ml(voxel_spacing_mm(scan.path, image))  # the raw header's sizes
     mask_path = output / f"{scan.name}{MASK_SUFFIX}.nii.gz"
     probability_path = (
         output / f"{scan.name}{PROBABILITY_SUFFIX}.nii.gz" if save_probabilities else None
     )
+    for target in (mask_path, probability_path):
+        if target is not None:
+            check_replaceable(target)
+    probabilities, mask = predictor.predict_hu(hu, progress)
     try:
         save_like(image, mask.astype(np.uint8), mask_path, "ichseg ICH mask")
         if probability_path is not None:
@@ -198,8 +202,32 @@ def predict_file(
             f"{output}: cannot write the prediction of {scan.path.name} ({err.strerror or err})",
             output,
         ) from None
-    stats = volume_stats(mask, voxel_volume_ml(image.header))
+    stats = volume_stats(mask, voxel_ml)
     return ScanResult(scan.path, mask_path, probability_path, stats, time.perf_counter() - start)
+
+
+#: The start of the ``descrip`` field of every image ichseg.predict writes.
+_OWN_DESCRIPTION = b"ichseg ICH"
+
+
+def check_replaceable(target: Path) -> None:
+    """Refuse to replace ``target`` unless it is missing or an image ichseg.predict wrote
+    (its header's description starts with "ichseg ICH"): a user's own file of that name is kept.
+    """
+    if not target.exists() and not target.is_symlink():
+        return
+    import nibabel as nib
+
+    try:
+        description = bytes(nib.load(target).header["descrip"].item()) if target.is_file() else b""
+    except Exception:  # not a NIfTI file at all: someone else's
+        description = b""
+    if not description.startswith(_OWN_DESCRIPTION):
+        raise DatasetError(
+            f"{target}: exists and was not written by ichseg.predict, so it is not replaced; "
+            "move it or choose another output folder",
+            target,
+        )
 
 
 @dataclass(frozen=True)
@@ -315,12 +343,51 @@ def prepare_output(output: str | os.PathLike[str]) -> Path:
     return output
 
 
-def write_volumes(results: Sequence[ScanResult], target: Path) -> None:
-    """Write ``volumes.csv`` (one row per scan, :data:`VOLUME_COLUMNS`) atomically."""
+def read_volumes(target: str | os.PathLike[str]) -> list[dict[str, str]]:
+    """The rows of an earlier ``volumes.csv`` (none when it does not exist).
+
+    Raises :class:`~ichseg.errors.DatasetError` naming the file when it is unreadable or not a
+    ``volumes.csv`` of ichseg.predict (other columns), so it is never overwritten.
+    """
+    target = Path(target)
+    if not target.exists():
+        return []
+    try:
+        with open(target, encoding="utf-8", newline="") as handle:
+            reader = csv.DictReader(handle)
+            rows = list(reader)
+            columns = tuple(reader.fieldnames or ())
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        reason = getattr(err, "strerror", None) or first_line(err)
+        raise DatasetError(
+            f"{target}: cannot read the earlier volumes ({reason})", target
+        ) from None
+    if columns != VOLUME_COLUMNS or any(None in row or not row.get("mask") for row in rows):
+        raise DatasetError(
+            f"{target}: not a {VOLUMES_FILE} written by ichseg.predict (expected the columns "
+            f"{','.join(VOLUME_COLUMNS)}), so it is not replaced; move it or choose another "
+            "output folder",
+            target,
+        )
+    return rows
+
+
+def write_volumes(
+    results: Sequence[ScanResult], target: Path, earlier: Sequence[Mapping[str, str]] = ()
+) -> None:
+    """Write ``volumes.csv`` (one row per scan, :data:`VOLUME_COLUMNS`) atomically.
+
+    ``earlier`` rows (:func:`read_volumes`, from an earlier run into the same folder) are kept, in
+    their order, except those of a mask predicted again, which the new row replaces in place; rows
+    of masks not there before follow.
+    """
+    new = {result.mask_path.name: result.row() for result in results}
+    rows = [new.pop(row["mask"], dict(row)) for row in earlier]
+    rows += list(new.values())
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=VOLUME_COLUMNS, lineterminator="\n")
     writer.writeheader()
-    writer.writerows(result.row() for result in results)
+    writer.writerows(rows)
     atomic_write_text(target, buffer.getvalue())
 
 
@@ -335,14 +402,17 @@ def predict_files(
     """Predict every scan into ``output`` and keep ``output/volumes.csv`` up to date.
 
     Each scan's files, and ``volumes.csv`` after each scan, are written atomically, so an
-    interrupted run leaves only complete files. A scan that fails (unreadable, NaN, not 3D, ...)
-    is skipped and the others go on; then :class:`PredictionFailures` is raised, listing them.
+    interrupted run leaves only complete files; rows of an earlier run's ``volumes.csv`` are
+    kept, those of the scans predicted again replaced. A scan that fails (unreadable header or
+    data, no usable voxel sizes, NaN, not 3D, an output file of that name ichseg did not write,
+    ...) is skipped and the others go on; then :class:`PredictionFailures` is raised, listing them.
     ``progress`` shows tqdm bars over scans and over the windows of the current scan (on a
     terminal only).
     """
     from tqdm.auto import tqdm
 
     output = prepare_output(output)
+    earlier = read_volumes(output / VOLUMES_FILE)
     results: list[ScanResult] = []
     failures: list[IchsegError] = []
     per_slice = predictor.input_spec.tiles_per_slice
@@ -370,7 +440,7 @@ def predict_files(
                 )
                 continue
             results.append(result)
-            write_volumes(results, output / VOLUMES_FILE)
+            write_volumes(results, output / VOLUMES_FILE, earlier)
             if on_result is not None:
                 on_result(result)
     if failures:

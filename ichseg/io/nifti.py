@@ -88,15 +88,61 @@ def image_data(image: Any, path: str | os.PathLike[str]) -> np.ndarray:
         ) from None
 
 
+def raw_header(path: str | os.PathLike[str], image: Any) -> Any:
+    """The header of the NIfTI file ``path`` exactly as stored, before nibabel repairs it.
+
+    nibabel's loader silently "fixes" a header on reading (zero voxel sizes become 1, negative ones
+    their absolute value), so ``image.header`` can no longer tell a missing voxel size from a 1 mm
+    one; this reads the header block again without those fixes. ``image`` is the
+    :func:`load_image` image of ``path`` (its header class reads the block).
+    """
+    from nibabel.openers import ImageOpener
+
+    try:
+        with ImageOpener(str(path)) as handle:
+            return type(image.header).from_fileobj(handle, check=False)
+    except Exception as err:  # nibabel and gzip raise many types for a damaged file
+        raise DatasetError(f"{path}: unreadable NIfTI header ({first_line(err)})", path) from None
+
+
+def voxel_spacing_mm(
+    path: str | os.PathLike[str], image: Any | None = None
+) -> tuple[float, float, float]:
+    """The voxel sizes in mm of the NIfTI file ``path`` along its three array axes, from the raw
+    header (``pixdim[1:4]`` in the header's spatial unit; mm when the unit is unknown).
+
+    The one reader of voxel sizes in ichseg: the dataset reader and prediction both use it.
+    Raises :class:`~ichseg.errors.DatasetError` naming the file when the stored sizes are not
+    three positive finite numbers (zero, negative, NaN or infinite): ichseg never assumes a 1 mm
+    voxel. ``image``: the file's :func:`load_image` image, when already loaded.
+    """
+    if image is None:
+        image = load_image(path)
+    header = raw_header(path, image)
+    pixdim = np.asarray(header.structarr["pixdim"], dtype=np.float64)[1:4]
+    if not (np.all(np.isfinite(pixdim)) and np.all(pixdim > 0)):
+        shown = " x ".join(f"{value:g}" for value in pixdim)
+        raise DatasetError(
+            f"{path}: the header's voxel sizes (pixdim 1-3) are {shown}, not three positive "
+            "numbers; fix the header (ichseg does not assume 1 mm voxels)",
+            path,
+        )
+    unit = header.get_xyzt_units()[0]
+    scale = UNIT_MM.get(unit, 1.0)
+    return tuple(float(value) * scale for value in pixdim)  # type: ignore[return-value]
+
+
 def read_ct(
     path: str | os.PathLike[str], header_only: bool = False
 ) -> tuple[np.ndarray | None, Any]:
     """An ``(H, W, N)`` int16 HU volume (None with ``header_only``) and its nibabel image.
 
     Raises :class:`~ichseg.errors.DatasetError` naming the file for a missing or unreadable file,
-    a volume that is not 3D, or NaN / infinite values.
+    a volume that is not 3D, voxel sizes that are not positive finite numbers in the raw header
+    (:func:`voxel_spacing_mm`), or NaN / infinite values.
     """
     image = load_image(path)
+    voxel_spacing_mm(path, image)
     if header_only:
         return None, image
     return as_hu(image_data(image, path), str(path), path), image
@@ -131,8 +177,10 @@ def spacing_volume_ml(spacing_mm: Any) -> float:
 
 
 def voxel_volume_ml(header: Any) -> float:
-    """Voxel volume in mL from a NIfTI header's zooms and spatial units (NaN if unusable)."""
-    zooms = np.asarray(header.get_zooms()[:3], dtype=np.float64)
+    """Voxel volume in mL from a NIfTI header's ``pixdim[1:4]`` and spatial units (NaN if
+    unusable). A header loaded by nibabel has been repaired already (zero sizes read as 1): for a
+    file, use :func:`voxel_spacing_mm`, which reads the header as stored."""
+    zooms = np.asarray(header.structarr["pixdim"], dtype=np.float64)[1:4]
     unit = header.get_xyzt_units()[0]
     zooms = zooms * UNIT_MM.get(unit, 1.0)
     try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -33,6 +34,7 @@ from ichseg.data.phantom.plan import (
 )
 from ichseg.data.phantom.render import make_head_volume
 from ichseg.errors import DatasetError
+from ichseg.utils.atomic import make_temp_dir
 
 _JPG_DEMOGRAPHICS_HEADER = (
     "Patient Number",
@@ -221,46 +223,99 @@ def _write_patient(
 # generate_phantom: validation, temporary folder, rename
 # --------------------------------------------------------------------------------------------------
 
-_DATASET_ENTRIES = {
-    "ct_scans",
-    "masks",
-    "patients_ct",
+#: The top-level entries a phantom writes (either release), and how the files inside them are named.
+_TOP_FILES = {
     "hemorrhage_diagnosis_raw_ct.csv",
+    "Patient_demographics.csv",
     "hemorrhage_diagnosis.csv",
     "patient_demographics.csv",
 }
+_NIFTI_FILE = re.compile(r"^\d{3}\.nii$")
+_JPG_FILE = {"brain": re.compile(r"^\d+(?:_HGE_Seg)?\.jpg$"), "bone": re.compile(r"^\d+\.jpg$")}
+_PATIENT_FOLDER = re.compile(r"^\d{3}$")
+
+
+def _foreign_entry(out: Path) -> Path | None:
+    """The first entry under ``out`` (in name order) that a phantom does not write, or None.
+
+    A phantom writes only the label and demographics CSVs, ``ct_scans/NNN.nii``,
+    ``masks/NNN.nii`` and ``Patients_CT/NNN/{brain,bone}/K[_HGE_Seg].jpg``; anything else
+    (another name, a link, a folder where a file belongs) is someone else's.
+    """
+
+    def entries(folder: Path) -> list[Path]:
+        return sorted(folder.iterdir(), key=lambda p: p.name)
+
+    def plain(path: Path, is_dir: bool) -> bool:
+        return not path.is_symlink() and (path.is_dir() if is_dir else path.is_file())
+
+    for entry in entries(out):
+        if entry.name in _TOP_FILES and plain(entry, False):
+            continue
+        if entry.name in ("ct_scans", "masks") and plain(entry, True):
+            for path in entries(entry):
+                if not (_NIFTI_FILE.match(path.name) and plain(path, False)):
+                    return path
+            continue
+        if entry.name == "Patients_CT" and plain(entry, True):
+            for patient in entries(entry):
+                if not (_PATIENT_FOLDER.match(patient.name) and plain(patient, True)):
+                    return patient
+                for window in entries(patient):
+                    if not (window.name in _JPG_FILE and plain(window, True)):
+                        return window
+                    for path in entries(window):
+                        if not (_JPG_FILE[window.name].match(path.name) and plain(path, False)):
+                            return path
+            continue
+        return entry
+    return None
 
 
 def _check_target(out: Path, overwrite: bool) -> None:
-    """Refuse a non-empty OUT (unless overwrite) and, even then, one holding non-dataset files."""
+    """Refuse a non-empty OUT unless ``overwrite``, and even then one holding anything that a
+    phantom did not write (naming the first such file): only a phantom is ever replaced."""
     if not out.exists():
         return
     if not out.is_dir():
         raise DatasetError(f"{out} exists and is not a folder; choose another output path.", out)
-    entries = sorted(p.name for p in out.iterdir())
-    if not entries:
-        return
-    if not overwrite:
+    try:
+        if not any(out.iterdir()):
+            return
+        if not overwrite:
+            raise DatasetError(
+                f"{out} already exists and is not empty; pass --overwrite to replace it.",
+                out,
+            )
+        foreign = _foreign_entry(out)
+    except OSError as err:
+        raise DatasetError(f"{out}: cannot read the folder ({err.strerror or err})", out) from None
+    if foreign is not None:
         raise DatasetError(
-            f"{out} already exists and is not empty; pass --overwrite to replace it.",
-            out,
-        )
-    foreign = [e for e in entries if e.lower() not in _DATASET_ENTRIES]
-    if foreign:
-        raise DatasetError(
-            f"{out} holds files that are not part of a CT-ICH dataset (e.g. {foreign[0]!r}), "
-            f"so it is not overwritten; remove it yourself or choose another output path.",
+            f"{out} holds {foreign}, which is not a file of an ichseg phantom, so nothing is "
+            "overwritten; remove it yourself or choose another output path.",
             out,
         )
 
 
 @contextlib.contextmanager
 def _staging_folder(out: Path) -> Iterator[Path]:
-    """A temporary sibling folder of ``out``, removed if anything fails before it is renamed."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    """A temporary sibling folder of ``out`` (with the umask's permissions), removed if anything
+    fails before it is renamed; a folder that cannot be written is one :class:`DatasetError`."""
+    parent = out.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        staging = make_temp_dir(parent, prefix=f".{out.name}.", suffix=".partial")
+    except OSError as err:
+        raise DatasetError(
+            f"{parent}: cannot write the phantom into this folder ({err.strerror or err})", parent
+        ) from None
     try:
         yield staging
+    except OSError as err:  # e.g. the disk filled up while writing
+        raise DatasetError(
+            f"{out}: cannot write the phantom ({err.strerror or err}); nothing was written", out
+        ) from None
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
@@ -274,7 +329,11 @@ def _move_into_place(staging: Path, out: Path) -> None:
     trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
     try:
         os.replace(out, trash / "old")
-        os.replace(staging, out)
+        try:
+            os.replace(staging, out)
+        except OSError:
+            os.replace(trash / "old", out)  # put the earlier phantom back
+            raise
     finally:
         shutil.rmtree(trash, ignore_errors=True)
 
@@ -295,7 +354,7 @@ def generate_phantom(
     (512 / 650). ``n_slices`` is a count or an inclusive (low, high) range drawn per patient.
     Files are written into a temporary sibling folder renamed to ``root`` at the end; an existing
     non-empty ``root`` is an error unless ``overwrite`` (and even then only if it holds nothing but
-    dataset files). Raises :class:`~ichseg.errors.IchsegError` subclasses on bad arguments.
+    a phantom's own files). Raises :class:`~ichseg.errors.IchsegError` subclasses on bad arguments.
 
     Only one patient is in memory at a time. The manifest holds what a reader should get back.
     """
