@@ -482,9 +482,9 @@ def predict_folder_without_scans(tmp, ctx):
 
 def predict_folder_of_unreadable_scans(tmp, ctx):
     (tmp / "scans").mkdir()
-    (tmp / "scans" / "a.nii").write_text("not a scan")
-    (tmp / "scans" / "b.nii.gz").write_bytes(b"\x1f\x8b broken gzip")
-    return ctx.args(input=tmp / "scans"), ["a.nii"]
+    (tmp / "scans" / "a.nii.gz").write_bytes(b"\x1f\x8b broken gzip")
+    (tmp / "scans" / "notes.txt").write_text("x")
+    return ctx.args(input=tmp / "scans"), ["a.nii.gz"]
 
 
 def predict_missing_checkpoint(tmp, ctx):

@@ -27,6 +27,7 @@ from ichseg.inference.scans import (
     VOLUMES_FILE,
     PredictionFailures,
     ScanResult,
+    check_output,
     find_inputs,
     load_predictor,
     operating_point_line,
@@ -158,11 +159,13 @@ def run(cfg: Any) -> list[ScanResult]:
             unreadable.append(err)
     if len(unreadable) == len(scans):  # ...but with none readable, fail before the model loads
         raise unreadable[0] if len(unreadable) == 1 else PredictionFailures([], unreadable)
-    output = prepare_output(Path(str(cfg.output)).expanduser())
+    output = check_output(Path(str(cfg.output)).expanduser())
     read_volumes(output / VOLUMES_FILE)  # an unreadable or foreign volumes.csv: before the model
     model = load_model(Path(str(cfg.ckpt)).expanduser())
     given = OmegaConf.to_container(cfg.inference, resolve=True)
     predictor = load_predictor(model, cfg.device, **given)
+    created = not output.exists()  # the folder is made only once the model and options are good
+    output = prepare_output(output)
     print(operating_point_line(model, predictor, given), flush=True)
 
     def report(result: ScanResult) -> None:
@@ -175,10 +178,15 @@ def run(cfg: Any) -> list[ScanResult]:
         tqdm.write(line, file=sys.stdout)  # above the progress bars, which stay intact
         sys.stdout.flush()
 
-    results = predict_files(
-        predictor, scans, output, bool(cfg.save_probabilities), bool(cfg.progress),
-        on_result=report,
-    )  # fmt: skip
+    try:
+        results = predict_files(
+            predictor, scans, output, bool(cfg.save_probabilities), bool(cfg.progress),
+            on_result=report,
+        )  # fmt: skip
+    except BaseException:
+        if created and not any(output.iterdir()):  # no scan succeeded: leave no empty folder
+            output.rmdir()
+        raise
     print(f"volumes: {output / VOLUMES_FILE}", flush=True)
     return results
 

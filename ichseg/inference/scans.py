@@ -316,13 +316,29 @@ def find_inputs(source: str | os.PathLike[str]) -> list[ScanInput]:
     return scans
 
 
-def prepare_output(output: str | os.PathLike[str]) -> Path:
-    """Create the output folder if needed and check that files can be written into it."""
+def check_output(output: str | os.PathLike[str]) -> Path:
+    """Refuse an output that cannot become the output folder, without creating anything: a NIfTI
+    file name, an existing file, or a path below a file or in a folder that is not writable."""
     output = Path(output)
     if nifti_stem(output) is not None:
         raise ConfigError(
             f"{output}: output is the folder for the masks and volumes.csv, not a NIfTI file name"
         )
+    if output.exists() and not output.is_dir():
+        raise ConfigError(f"{output}: the output exists and is not a folder")
+    ancestor = output.absolute()
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ConfigError(f"{output}: cannot create the output folder ({ancestor} is a file)")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ConfigError(f"{output}: cannot create the output folder ({ancestor} is not writable)")
+    return output
+
+
+def prepare_output(output: str | os.PathLike[str]) -> Path:
+    """Create the output folder if needed and check that files can be written into it."""
+    output = check_output(output)
     try:
         output.mkdir(parents=True, exist_ok=True)
     except FileExistsError:
