@@ -333,3 +333,13 @@ def test_a_phantom_is_not_generated_at_a_mistyped_root(workdir, monkeypatch, cap
     line = error_line(monkeypatch, capsys, "experiment=demo", f"data.root={typo}")
     assert f"data.root: {typo} does not exist" in line
     assert not typo.exists() and no_run_folders(workdir)
+
+
+def test_a_ddp_child_process_runs_in_the_first_ones_folder(workdir, monkeypatch):
+    run = workdir / "run"
+    (run / ".hydra").mkdir(parents=True)  # written by the first process just before
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    train_cli.check_command_line(["experiment=demo", f'hydra.run.dir="{run}"'])
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    with pytest.raises(ConfigError, match="holds an earlier run"):
+        train_cli.check_command_line(["experiment=demo", f'hydra.run.dir="{run}"'])

@@ -382,7 +382,7 @@ def check_command_line(argv: Sequence[str]) -> None:
         return
     for num, overrides in enumerate(_job_overrides(args.overrides, args.multirun)):
         cfg = _compose_job(overrides)
-        if args.cfg:
+        if args.cfg or _secondary_process():
             continue
         if args.multirun:
             with open_dict(cfg):
@@ -396,6 +396,12 @@ def check_command_line(argv: Sequence[str]) -> None:
         check_run_folder(folder, cfg.get("ckpt_path"), option)
         if not args.multirun:
             _remember_run_parent(folder.absolute())
+
+
+def _secondary_process() -> bool:
+    """A process that Lightning's DDP launcher (``LOCAL_RANK``) or SLURM started besides the first:
+    it runs in the first one's folder, which it must not refuse."""
+    return any(os.environ.get(name, "0") != "0" for name in ("LOCAL_RANK", "RANK", "SLURM_PROCID"))
 
 
 def _remember_run_parent(folder: Path) -> None:
