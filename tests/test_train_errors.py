@@ -343,3 +343,20 @@ def test_a_ddp_child_process_runs_in_the_first_ones_folder(workdir, monkeypatch)
     monkeypatch.setenv("LOCAL_RANK", "0")
     with pytest.raises(ConfigError, match="holds an earlier run"):
         train_cli.check_command_line(["experiment=demo", f'hydra.run.dir="{run}"'])
+
+
+def test_a_folder_without_write_permission_is_refused(workdir, monkeypatch):
+    """As root the chmod test above cannot run: the permission answer is faked for one folder."""
+    from ichseg.cli import train_checks
+
+    locked = workdir / "locked"
+    locked.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(
+        train_checks.os,
+        "access",
+        lambda path, mode: Path(path) != locked and real_access(path, mode),
+    )
+    with pytest.raises(ConfigError, match="cannot create it in .*locked \\(permission denied\\)"):
+        train_cli.check_command_line(["experiment=demo", f"paths.log_dir={locked}/logs"])
+    assert not (locked / "logs").exists()

@@ -74,7 +74,8 @@ def check_command_line(argv: Sequence[str]) -> None:
     ):  # fmt: skip
         return
     for num, overrides in enumerate(_job_overrides(args.overrides, args.multirun)):
-        cfg = _compose_job(overrides)
+        with _logging_left_to_hydra():
+            cfg = _compose_job(overrides)
         if args.cfg or _secondary_process():
             continue
         if args.multirun:
@@ -89,6 +90,22 @@ def check_command_line(argv: Sequence[str]) -> None:
         check_run_folder(folder, cfg.get("ckpt_path"), option)
         if not args.multirun:
             _remember_run_parent(folder.absolute())
+
+
+@contextlib.contextmanager
+def _logging_left_to_hydra() -> Any:
+    """Lightning, imported by the check for the first time, keeps its messages to itself when the
+    root logger has no handler yet (Hydra configures it later, for ``<task>.log``): give it one
+    for the time of the import."""
+    import logging
+
+    handler = logging.NullHandler()
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
 
 
 def _secondary_process() -> bool:
