@@ -33,6 +33,27 @@ def check_config(cfg: Any) -> None:
     plain = OmegaConf.to_container(cfg, resolve=False) if isinstance(cfg, DictConfig) else cfg
     for path, node in target_nodes(plain):
         check_node(path, node)
+    if isinstance(plain, Mapping):
+        check_run_keys(plain)
+
+
+#: The run's own top-level keys (conf/train.yaml) and the plain types they take.
+RUN_KEYS: dict[str, Any] = {
+    "seed": int,
+    "train": bool,
+    "test": bool,
+    "ckpt_path": str | None,
+    "optimized_metric": str | None,
+    "task_name": str,
+}
+
+
+def check_run_keys(cfg: Mapping[str, Any]) -> None:
+    """Refuse a top-level run key of ``conf/train.yaml`` (``seed``, ``train``, ``test``,
+    ``ckpt_path``, ...) with a value of the wrong type."""
+    for key, annotation in RUN_KEYS.items():
+        if key in cfg:
+            check_value(key, cfg[key], annotation, "conf/train.yaml")
 
 
 def target_nodes(node: Any, path: str = "") -> Iterator[tuple[str, Mapping[str, Any]]]:
@@ -85,7 +106,7 @@ def check_value(key: str, value: Any, annotation: Any, target: str) -> None:
     allowed = _plain_types(annotation)
     if allowed is None or _accepts(allowed, value):
         return
-    names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
+    names = " or ".join(dict.fromkeys("null" if t is type(None) else t.__name__ for t in allowed))
     raise ConfigError(f"{key}: {target} expects {names}, got {value!r}")
 
 
@@ -133,9 +154,17 @@ def _plain_types(annotation: Any) -> tuple[type, ...] | None:
             allowed.append(arg)
         elif typing.get_origin(arg) is typing.Literal:
             allowed.extend({type(v) for v in typing.get_args(arg)})
+        elif _is_tensor(arg):
+            allowed.append(float)  # a number in a config (torch.optim's ``lr: float | Tensor``)
         else:
             return None
     return tuple(allowed)
+
+
+def _is_tensor(annotation: Any) -> bool:
+    return getattr(annotation, "__module__", "") == "torch" and (
+        getattr(annotation, "__name__", "") == "Tensor"
+    )
 
 
 def _accepts(allowed: tuple[type, ...], value: Any) -> bool:

@@ -23,8 +23,16 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ichseg.cli.schema import check_config
+from ichseg.cli.train_checks import (
+    check_command_line,
+    compose_error_line,
+    forget_run_folders,
+    remove_unstarted_run,
+    user_error,
+)
 from ichseg.data import tiles
 from ichseg.errors import ConfigError, IchsegError
+from ichseg.utils.cli import EXIT_USAGE
 
 PROG = "ichseg.train"
 
@@ -48,11 +56,78 @@ def register_resolvers() -> None:
             OmegaConf.register_new_resolver(name, function)
 
 
+#: How ``data.root`` of ``conf/data/phantom.yaml`` begins: the one root a phantom is generated into.
+PHANTOM_ROOT_PREFIX = "${paths.log_dir}/phantom/"
+
+
 def check_data_root(data_cfg: DictConfig) -> None:
-    """Fail early, with what to do, when the dataset root is missing (no phantom asked for)."""
+    """Fail early, with what to do, when the dataset root is missing (no phantom asked for), or
+    when a phantom is asked for at a ``data.root`` given by hand that does not exist (a typo would
+    otherwise generate a second phantom there): the phantom is generated only at the root
+    ``conf/data/phantom.yaml`` names."""
     from ichseg.data.phantom_spec import check_data_root as check_root
 
-    check_root(str(data_cfg.get("root", "")), data_cfg.get("phantom"))
+    root = str(data_cfg.get("root", ""))
+    phantom = data_cfg.get("phantom")
+    if phantom is not None and not Path(root).exists():
+        raw = OmegaConf.to_container(data_cfg, resolve=False).get("root")
+        if not str(raw).startswith(PHANTOM_ROOT_PREFIX):
+            raise ConfigError(
+                f"data.root: {root} does not exist; a phantom is generated only at its default "
+                "root under paths.log_dir (drop data.root=...), or write one there first with "
+                f"python -m ichseg.data.phantom {root}"
+            )
+    check_root(root, phantom)
+
+
+def check_splits_file(cfg: DictConfig) -> None:
+    """A ``data.splits_file`` given by the user must exist (a typo would silently make a new
+    split); only the splits file a multirun's jobs share (:func:`share_splits_in_sweep`) is
+    written by its first job."""
+    value = cfg.data.get("splits_file")
+    if value in (None, "") or Path(str(value)).is_file() or _is_sweep_splits(Path(str(value))):
+        return
+    raise ConfigError(
+        f"data.splits_file: {value} does not exist; give an existing splits.json, or drop "
+        "data.splits_file to make a new split (written into the run folder)"
+    )
+
+
+def _is_sweep_splits(path: Path) -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return False
+    hydra_cfg = HydraConfig.get()
+    return hydra_cfg.mode == RunMode.MULTIRUN and path == Path(hydra_cfg.sweep.dir) / "splits.json"
+
+
+def check_accelerator(trainer_cfg: DictConfig) -> None:
+    """``trainer.accelerator=gpu`` (``trainer=gpu``, ``trainer=ddp``) on a machine without one."""
+    import torch
+
+    accelerator = str(trainer_cfg.get("accelerator", "auto")).lower()
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(
+            f"trainer.accelerator={accelerator}: no GPU is available here (torch finds no CUDA "
+            "device); train on the CPU with trainer=cpu (or trainer.accelerator=cpu)"
+        )
+    if accelerator == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(
+            "trainer.accelerator=mps: no Apple GPU is available here; train on the CPU with "
+            "trainer=cpu (or trainer.accelerator=cpu)"
+        )
+
+
+def check_checkpoint_file(cfg: DictConfig) -> None:
+    """``ckpt_path`` names a readable ichseg checkpoint, read safely (weights only) before
+    anything trains, so a damaged or unsafe file is one line naming it."""
+    from ichseg.checkpoint import read_checkpoint
+
+    path = resolve_ckpt_path(cfg)
+    if path is not None:
+        read_checkpoint(path)
 
 
 def train_overrides() -> list[str]:
@@ -140,8 +215,11 @@ def compose_config(
 
     register_resolvers()
     GlobalHydra.instance().clear()
-    with initialize_config_module("ichseg.conf", version_base="1.3"):
-        cfg = compose("train", overrides=list(overrides), return_hydra_config=True)
+    try:
+        with initialize_config_module("ichseg.conf", version_base="1.3"):
+            cfg = compose("train", overrides=list(overrides), return_hydra_config=True)
+    except Exception as err:  # Hydra and OmegaConf raise many types, each with a clear message
+        raise ConfigError(compose_error_line(err)) from None
     HydraConfig.instance().set_config(cfg)
     with open_dict(cfg):
         del cfg.hydra
@@ -157,7 +235,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     from hydra.utils import instantiate
 
     register_resolvers()
-    pl.seed_everything(cfg.seed, workers=True)
+    check_accelerator(cfg.trainer)
+    check_splits_file(cfg)
+    check_checkpoint_file(cfg)
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
 
     datamodule = build_datamodule(cfg)
     model = instantiate(cfg.model)
@@ -166,6 +247,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
     model.meta = checkpoint_meta(cfg, datamodule, callbacks)
     loggers = instantiate_dict(cfg.get("logger"))
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    if cfg.get("train", True) and trainer.world_size == 1:
+        # the folds and the data before anything is logged: a round that cannot train (e.g. a
+        # validation fold without ICH) stops here (Lightning's own calls are then no-ops)
+        datamodule.prepare_data()
+        datamodule.setup("fit")
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
@@ -264,6 +350,12 @@ def _hydra_main() -> None:
     import hydra
 
     register_resolvers()
+    forget_run_folders()
+    try:
+        check_command_line(sys.argv[1:])
+    except IchsegError as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE) from None
 
     @hydra.main(version_base="1.3", config_path="pkg://ichseg.conf", config_name="train")
     def run(cfg: DictConfig) -> float | None:
@@ -271,9 +363,13 @@ def _hydra_main() -> None:
         try:
             check_config(cfg)
             metrics = train(cfg)
-        except IchsegError as err:
-            print(f"{PROG}: error: {err}", file=sys.stderr)
-            raise SystemExit(2) from None
+        except Exception as err:
+            message = user_error(err)
+            if message is None:
+                raise
+            remove_unstarted_run(cfg)
+            print(f"{PROG}: error: {message}", file=sys.stderr)
+            raise SystemExit(EXIT_USAGE) from None
         metric = cfg.get("optimized_metric")
         return metrics.get(metric) if metric else None
 

@@ -250,6 +250,24 @@ class RoundData:
                 rows = self.store.rows_of_patients(self.cv_round.patients(split))
                 self._rows[split] = rows
                 self._counts[split] = store_tile_counts(self.store, rows, self.grid)
+        if stage == "fit":
+            self._require_validation_ich()
+
+    def _require_validation_ich(self) -> None:
+        """Training picks its best checkpoint on validation ICH: refuse a round without any."""
+        assert self.cv_round is not None
+        dataset = self._open_dataset()
+        has_ich = dict(
+            zip(dataset.patient_ids, dataset.patient_labels()[:, 0].tolist(), strict=True)
+        )
+        val = list(self.cv_round.patients("val"))
+        if not any(has_ich.get(p, False) for p in val):
+            raise ConfigError(
+                f"data.fold={self.fold}: none of the {len(val)} validation patients of this CV "
+                f"round has ICH ({sum(has_ich.values())} of the {len(has_ich)} patients do), so no "
+                "best checkpoint can be chosen; use another split (data.splits_file, data.k, "
+                "data.split_seed) or more patients"
+            )
 
     def _open_dataset(self) -> CTICHDataset:
         if self.dataset is None:
