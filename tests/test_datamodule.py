@@ -205,7 +205,7 @@ def test_bad_options(roots) -> None:
         CTICHDataModule(roots["nifti"], augmentation={"rotat": 3})
     with pytest.raises(ConfigError, match="sampling"):
         CTICHDataModule(roots["nifti"], sampling="some")
-    with pytest.raises(ConfigError, match="fold 7"):
+    with pytest.raises(ConfigError, match="fold=7 does not exist"):
         make(roots, fold=7)
 
 

@@ -212,9 +212,15 @@ def user_error(err: BaseException) -> str | None:
 
 def _with_key(message: str, err: BaseException) -> str:
     """``message`` prefixed with the config node Hydra's ``instantiate`` was building when it
-    failed (its ``full_key``), unless the message names a key or file already."""
+    failed (its ``full_key``), unless the message names a key or file already; a message that
+    starts with an argument (``fold=7 does not exist``) gets the node's key in front of it
+    (``data.fold=7 does not exist``)."""
     found = re.search(r"^full_key: (\S+)", str(err), re.MULTILINE)
-    if found is None or message.startswith((found.group(1), "/")) or ": " in message[:40]:
+    if found is None or message.startswith((found.group(1), "/")):
+        return message
+    if re.match(r"[A-Za-z_]\w*=", message):
+        return f"{found.group(1)}.{message}"
+    if ": " in message[:40]:
         return message
     return f"{found.group(1)}: {message}"
 

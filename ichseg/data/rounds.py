@@ -146,6 +146,11 @@ class RoundData:
             mode, sampling, context_slices, batch_size, foreground_fraction, batches_per_epoch,
             val_tiles, train_slices,
         )  # fmt: skip
+        if int(k) < 2 or not 0 <= int(fold) < int(k):
+            raise ConfigError(
+                f"fold={fold} does not exist: k={k} CV rounds are numbered 0 to {int(k) - 1}"
+                if int(k) >= 2 else f"k={k}: cross-validation needs at least 2 rounds"
+            )  # fmt: skip
         self.root = Path(root)
         self.fold, self.k, self.seed, self.split_seed = (
             int(fold),
@@ -313,7 +318,7 @@ class RoundData:
         if not 0 <= self.fold < len(rounds):
             where = f" in {self.splits_path}" if self.splits_path is not None else ""
             raise ConfigError(
-                f"fold {self.fold} does not exist: there are {len(rounds)} CV rounds{where}"
+                f"fold={self.fold} does not exist: there are {len(rounds)} CV rounds{where}"
             )
         if self.splits_dir is not None:
             written = save_splits(self.splits_dir / "splits.json", rounds, meta)

@@ -333,7 +333,7 @@ def foreground_per_batch(batch_size: int, foreground_fraction: float) -> int:
     """ICH tiles in each oversampled batch: ``round(fraction x batch)``, at least 1 (when the
     fraction is positive) and at most the batch."""
     if batch_size < 1:
-        raise ConfigError(f"the batch size must be positive, got {batch_size}")
+        raise ConfigError(f"batch_size={batch_size}: the batch size must be positive")
     if not 0.0 <= foreground_fraction <= 1.0:
         raise ConfigError(f"foreground_fraction must lie in [0, 1], got {foreground_fraction}")
     if foreground_fraction == 0:
