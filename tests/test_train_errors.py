@@ -99,7 +99,10 @@ def test_a_wrong_type_is_one_line_before_any_folder(workdir, monkeypatch, capsys
 
 @pytest.mark.parametrize(
     ("override", "words"),
-    [("data.batch_size=0", "data.batch_size=0: the batch size must be positive"), ("data.window=512", "512-pixel tile")],
+    [
+        ("data.batch_size=0", "data.batch_size=0: the batch size must be positive"),
+        ("data.window=512", "512-pixel tile"),
+    ],
 )
 def test_a_constructor_error_wrapped_by_hydra_is_one_line(
     workdir, monkeypatch, capsys, override, words
