@@ -11,6 +11,7 @@ problem line), the file or option named in it, no traceback, and a byte-for-byte
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import shutil
@@ -761,7 +762,22 @@ class TrainContext:
         ]
 
 
+@pytest.fixture
+def restore_logging():
+    """Hydra points the root logger at this test's captured streams: undo it afterwards, so that
+    later log records do not go to closed streams."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    for handler in root.handlers[:]:
+        if handler not in handlers:
+            root.removeHandler(handler)
+            handler.close()
+    root.setLevel(level)
+
+
 @pytest.mark.parametrize("case", sorted(TRAIN_CASES))
+@pytest.mark.usefixtures("restore_logging")
 def test_train(case, nifti_phantom, tmp_path, capsys, monkeypatch):
     from ichseg.cli.train import main
 
