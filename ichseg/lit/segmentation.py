@@ -13,11 +13,14 @@ forward, the weights stay under ``net.``), and any Lightning ``precision`` (e.g.
 
 Guards and resumption: a non-finite training loss, validation loss or validation output stops the
 run with :class:`~ichseg.errors.TrainingDiverged` before a checkpoint of that epoch is kept, and no
-checkpoint with non-finite weights is ever written. docs/training.md.
+checkpoint with non-finite weights is ever written. Every training epoch starts from a random state
+derived from ``(seed, epoch, rank)`` and checkpoints carry the random state, so a run resumed from
+``last.ckpt`` continues exactly as the uninterrupted run would have. docs/training.md.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable, Mapping
 from functools import partial
 from typing import Any
@@ -33,6 +36,7 @@ from torchmetrics.classification import BinaryF1Score, BinaryJaccardIndex
 from ichseg.errors import ConfigError, TrainingDiverged
 from ichseg.lit.callbacks.images import keep_overlay_batch, log_overlay_grid
 from ichseg.utils.plain import to_plain
+from ichseg.utils.rng import derived_seed, rng_state, seed_all, set_rng_state
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], Optimizer]
 SchedulerFactory = Callable[[Optimizer], LRScheduler]
@@ -86,6 +90,11 @@ class ICHSegmentationModule(pl.LightningModule):
         check_finite_loss: stop with :class:`~ichseg.errors.TrainingDiverged` when the training
             loss, the validation loss or the validation outputs are NaN or infinite, and refuse to
             save a checkpoint whose weights are (no checkpoint of a diverged epoch is kept).
+        epoch_seed: start every training epoch from a random state (torch, numpy, python) derived
+            from ``(seed, epoch, rank)``, with ``seed`` the one given to ``pl.seed_everything``
+            (``PL_GLOBAL_SEED``; nothing is reseeded without it): dropout and any other draw of
+            an epoch do not depend on what ran before it, so a resumed run repeats an
+            uninterrupted one bit for bit.
         meta: plain-data description of the run (model and preprocessing config) stored in every
             checkpoint under ``"ichseg"``, so that prediction can rebuild the network and its
             inputs.
@@ -106,6 +115,7 @@ class ICHSegmentationModule(pl.LightningModule):
         compile: bool = False,
         check_finite_loss: bool = True,
         meta: Mapping[str, Any] | None = None,
+        epoch_seed: bool = True,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(
@@ -133,6 +143,7 @@ class ICHSegmentationModule(pl.LightningModule):
         self.image_log_samples = image_log_samples
         self.channels_last = channels_last
         self.check_finite_loss = check_finite_loss
+        self.epoch_seed = bool(epoch_seed)
         # validation batches with a non-finite loss or output in the current epoch
         self._val_non_finite = torch.zeros((), dtype=torch.int64)
         self.meta = dict(meta or {})
@@ -284,6 +295,13 @@ class ICHSegmentationModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ checkpoints
 
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # Reseed before an epoch's first step rather than in on_train_epoch_start: Lightning
+        # skips that hook in the first epoch of a run resumed from an end-of-epoch checkpoint.
+        seed = os.environ.get("PL_GLOBAL_SEED")
+        if self.epoch_seed and seed is not None and batch_idx == 0:
+            seed_all(derived_seed(int(seed), self.current_epoch, self.global_rank))
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.check_finite_loss:
             name = first_non_finite(checkpoint.get("state_dict", {}))
@@ -294,9 +312,14 @@ class ICHSegmentationModule(pl.LightningModule):
                     f"not written: {DIVERGED_HINT}"
                 )
         checkpoint["ichseg"] = to_plain(self.meta)
+        checkpoint["ichseg_rng"] = rng_state()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.meta = dict(checkpoint.get("ichseg", {}))
+        trainer = self._trainer
+        state = checkpoint.get("ichseg_rng")
+        if state is not None and trainer is not None and trainer.state.fn == "fit":
+            set_rng_state(state)  # resuming: the random state where the run stopped
         #: (epoch, global_step) at which the loaded weights were saved (named in reports).
         self.loaded_position = (
             int(checkpoint.get("epoch", 0)),
