@@ -176,3 +176,19 @@ def test_predict_command_exits_2_with_one_line(good_checkpoint, tmp_path):
     assert "ichseg.predict: error: " in lines[0] and str(path) in lines[0]
     assert "NaN or infinite" in lines[0]
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.nii*"))
+
+
+@pytest.mark.slow
+def test_train_command_exits_2_with_one_line(tmp_path):
+    run = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "ichseg.train", "experiment=demo", *TINY,
+         "model.optimizer.lr=1e30", "+trainer.limit_train_batches=1", f"hydra.run.dir={run}",
+         f"paths.log_dir={tmp_path}"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and errors[0].startswith("ichseg.train: error: training diverged")
+    assert not list(run.rglob("*.ckpt"))
