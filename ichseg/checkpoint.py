@@ -54,6 +54,11 @@ class CheckpointError(ConfigError):
     """A file is not a usable ichseg checkpoint (unreadable, unsafe, or without ichseg metadata)."""
 
 
+#: The attribute of a network built by :func:`load_model` that names its checkpoint file (the
+#: predictor names it when the network's outputs are not finite).
+CHECKPOINT_ATTRIBUTE = "ichseg_checkpoint"
+
+
 def make_meta(
     net: Mapping[str, Any],
     input_spec: InputSpec,
@@ -135,7 +140,9 @@ def load_model(path: str | os.PathLike[str]) -> TrainedModel:
     """Read a checkpoint safely and rebuild its network and specs.
 
     Raises :class:`CheckpointError` for anything that is not a usable ichseg checkpoint (one line
-    naming the file).
+    naming the file), including one whose weights hold NaN or infinite values or whose network
+    gives NaN or infinite logits on a small test input (a run that diverged: its probabilities
+    would be NaN, its masks empty).
     """
     path = Path(path)
     meta, state_dict = read_checkpoint(path)
@@ -161,8 +168,11 @@ def load_model(path: str | os.PathLike[str]) -> TrainedModel:
         raise CheckpointError(
             f"{path}: the weights do not fit the network described in the metadata ({mismatch})"
         )
+    check_finite_weights(weights, str(path))
     net.load_state_dict(weights, strict=True)
     net.eval().requires_grad_(False)
+    check_finite_outputs(net, input_spec.in_channels, depth, str(path))
+    setattr(net, CHECKPOINT_ATTRIBUTE, str(path))
     return TrainedModel(path, net, input_spec, inference_spec, dict(meta))
 
 
@@ -302,6 +312,34 @@ def network_weights(
             f"{source}: the state_dict has no network weights (keys starting with 'net.')"
         )
     return weights
+
+
+def check_finite_weights(weights: Mapping[str, torch.Tensor], source: str) -> None:
+    """Raise :class:`CheckpointError` when a floating-point weight holds NaN or inf."""
+    for name, tensor in weights.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise CheckpointError(
+                f"{source}: the weight {name} holds {bad} NaN or infinite value(s): the training "
+                "run diverged before this checkpoint was saved, so its predictions would be NaN; "
+                "use a checkpoint of an earlier epoch or retrain with a lower learning rate"
+            )
+
+
+def check_finite_outputs(net: nn.Module, channels: int, depth: Any, source: str) -> None:
+    """Raise :class:`CheckpointError` when ``net`` gives NaN or infinite logits on a small test
+    input (a ramp in [0, 1], ``4 * 2**depth`` pixels square: milliseconds): finite but huge
+    weights overflow, which the weights alone do not show."""
+    side = 4 * 2**depth if isinstance(depth, int) else 64
+    probe = torch.linspace(0.0, 1.0, channels * side * side).reshape(1, channels, side, side)
+    with torch.inference_mode():
+        logits = net(probe)
+    if not bool(torch.isfinite(logits).all()):
+        raise CheckpointError(
+            f"{source}: the network gives NaN or infinite outputs on a test input (its weights "
+            "are finite but far too large: the training run diverged before this checkpoint was "
+            "saved); use a checkpoint of an earlier epoch or retrain with a lower learning rate"
+        )
 
 
 def _weights_mismatch(net: nn.Module, weights: Mapping[str, torch.Tensor]) -> str | None:

@@ -58,3 +58,8 @@ def first_line(err: BaseException) -> str:
     third-party error is quoted inside ichseg's one-sentence messages."""
     lines = str(err).strip().splitlines()
     return lines[0] if lines else type(err).__name__
+
+
+class TrainingDiverged(IchsegError):
+    """Training produced NaN or infinite values (loss, network outputs or weights); raised before
+    a checkpoint of that epoch is kept."""

@@ -20,6 +20,7 @@ from ichseg.data.augment import Augmentation
 from ichseg.data.ctich import Demographics, SliceLabels
 from ichseg.data.store import SliceStore
 from ichseg.data.tiles import TileGrid, crop_context_tiles, crop_packed_tiles, crop_tiles
+from ichseg.utils.rng import derived_seed
 
 
 class TileDataset(Dataset):
@@ -32,6 +33,12 @@ class TileDataset(Dataset):
     ``context_slices`` ``k > 0`` gives 2.5D input: the same tile of the slices ``s - k .. s + k``
     of the patient (clamped at its first and last slice) stacked as channels, ``(2k + 1) * C`` in
     all (slice-major), cropped from the one store by index arithmetic; the mask is slice ``s``'s.
+
+    Augmentation randomness is a function of ``(seed, epoch, the batch's indices)`` only: each
+    ``__getitems__`` call reseeds the augmentation from them, whichever loader worker (or the
+    main process) builds the batch. So the number of workers and resuming a run change nothing.
+    :meth:`set_epoch` sets the epoch (the training samplers call it when an epoch starts; it is
+    held in shared memory, so persistent loader workers see it).
     """
 
     def __init__(
@@ -50,9 +57,20 @@ class TileDataset(Dataset):
         self.augmentation = augmentation
         self.whole_slices = whole_slices
         self.context_slices = int(context_slices)
-        self._seeded_for: tuple[int, int] | None = None
+        self.seed = int(seed)
+        self._epoch = torch.zeros((), dtype=torch.int64)
         if augmentation is not None:
-            augmentation.reseed(seed)
+            self._epoch.share_memory_()  # read by persistent loader workers
+        self._cv2_single_threaded = False
+
+    @property
+    def epoch(self) -> int:
+        """The epoch whose augmentations the dataset draws (see :meth:`set_epoch`)."""
+        return int(self._epoch.item())
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw the augmentations of ``epoch`` from now on (also in running loader workers)."""
+        self._epoch.fill_(int(epoch))
 
     def __len__(self) -> int:
         return int(self.ids.size)
@@ -85,7 +103,7 @@ class TileDataset(Dataset):
                 images = crop_tiles(self.store.images, tiles, self.grid)  # (n, C, h, w) uint8
             masks = crop_packed_tiles(self.store.masks, tiles, self.grid)  # (n, h, w) uint8
         if self.augmentation is not None:
-            images, masks = self._augment(images, masks)
+            images, masks = self._augment(images, masks, indices)
         image_tensor = (
             torch.from_numpy(np.ascontiguousarray(images)).to(torch.float32).mul_(1.0 / 255.0)
         )
@@ -101,10 +119,15 @@ class TileDataset(Dataset):
             "window": tile_tensor,  # the earlier name of "tile", for one release
         }
 
-    def _augment(self, images: np.ndarray, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Augment each tile (image and mask with one matrix), in channels-last buffers."""
+    def _augment(
+        self, images: np.ndarray, masks: np.ndarray, indices: Sequence[int]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Augment each tile (image and mask with one matrix), in channels-last buffers, with
+        random draws from ``(seed, epoch, indices)``."""
         assert self.augmentation is not None
-        self._seed_worker()
+        self._single_threaded_in_workers()
+        keys = np.asarray(indices, dtype=np.int64).tolist()
+        self.augmentation.reseed(derived_seed(self.seed, self.epoch, len(keys), *keys))
         channels_last = np.ascontiguousarray(images.transpose(0, 2, 3, 1))
         out_images = np.empty_like(channels_last)
         out_masks = np.empty_like(masks)
@@ -112,19 +135,14 @@ class TileDataset(Dataset):
             self.augmentation(channels_last[i], masks[i], out_images[i], out_masks[i])
         return out_images.transpose(0, 3, 1, 2), out_masks
 
-    def _seed_worker(self) -> None:
-        """Give each loader worker its own augmentation stream (from the worker's torch seed)."""
-        info = torch.utils.data.get_worker_info()
-        if info is None:
+    def _single_threaded_in_workers(self) -> None:
+        """One OpenCV thread per loader worker (the workers are the parallelism)."""
+        if self._cv2_single_threaded or torch.utils.data.get_worker_info() is None:
             return
-        key = (info.id, info.seed)
-        if key != self._seeded_for:
-            import cv2
+        import cv2
 
-            cv2.setNumThreads(1)
-            assert self.augmentation is not None
-            self.augmentation.reseed(info.seed)
-            self._seeded_for = key
+        cv2.setNumThreads(1)
+        self._cv2_single_threaded = True
 
 
 def collate_batch(batch: Any) -> dict[str, torch.Tensor]:

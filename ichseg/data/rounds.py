@@ -14,8 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import torch
-from torch.utils.data import RandomSampler, Sampler
+from torch.utils.data import Sampler
 
 from ichseg.data.augment import build_augmentation
 from ichseg.data.ctich import CTICHDataset, open_dataset
@@ -29,7 +28,12 @@ from ichseg.data.folds import (
     save_splits,
 )
 from ichseg.data.phantom_spec import PhantomSpec, ensure_phantom
-from ichseg.data.sampling import OversampledTileSampler, UndersampledTileSampler
+from ichseg.data.sampling import (
+    EpochSampler,
+    OversampledTileSampler,
+    ShuffledSampler,
+    UndersampledTileSampler,
+)
 from ichseg.data.store import (
     SliceStore,
     build_slice_store,
@@ -373,7 +377,13 @@ class RoundData:
 
     def train_dataset(self) -> tuple[TileDataset, Sampler[int]]:
         """The training dataset and its sampler (undersampled or oversampled tiles, or shuffled
-        slices)."""
+        slices); the sampler's epoch drives the dataset's augmentation
+        (:meth:`TileDataset.set_epoch`), so both are functions of ``(seed, epoch)``."""
+        dataset, sampler = self._train_dataset()
+        sampler.epoch_listener = dataset.set_epoch
+        return dataset, sampler
+
+    def _train_dataset(self) -> tuple[TileDataset, EpochSampler]:
         rows, counts = self.rows("train"), self.tile_counts("train")
         augmentation = build_augmentation(self.augmentation_options)
         k = self.context_slices
@@ -397,8 +407,7 @@ class RoundData:
                 self.store, self.grid, chosen, augmentation, whole_slices=True, seed=self.seed,
                 context_slices=k,
             )  # fmt: skip
-            generator = torch.Generator().manual_seed(self.seed)
-            return dataset, RandomSampler(dataset, generator=generator)
+            return dataset, ShuffledSampler(len(dataset), self.seed)
         dataset = TileDataset(
             self.store, self.grid, self._all_tile_ids(rows), augmentation, seed=self.seed,
             context_slices=k,

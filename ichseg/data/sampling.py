@@ -6,7 +6,7 @@ The draws themselves are :mod:`ichseg.data.tiles`'s; docs/data-pipeline.md has t
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 from torch.utils.data import Sampler
@@ -27,7 +27,11 @@ class EpochSampler(Sampler[int]):
 
     Lightning calls :meth:`set_epoch` (also through its distributed wrapper); without it each new
     iteration advances the epoch by one. The length is that of epoch 0, the same every epoch.
+    ``epoch_listener`` (e.g. :meth:`ichseg.data.dataset.TileDataset.set_epoch`) is told the epoch
+    each time an iteration starts, before the first index is drawn.
     """
+
+    epoch_listener: Callable[[int], None] | None = None
 
     def start_epochs(self) -> None:
         """Start at epoch 0; call at the end of ``__init__``, once :meth:`epoch_indices` works."""
@@ -47,10 +51,26 @@ class EpochSampler(Sampler[int]):
         if self._iterated:
             self.epoch += 1
         self._iterated = True
+        if self.epoch_listener is not None:
+            self.epoch_listener(self.epoch)
         return iter(self.epoch_indices(self.epoch).tolist())
 
     def __len__(self) -> int:
         return self._length
+
+
+class ShuffledSampler(EpochSampler):
+    """Every index of a dataset of ``size`` items once per epoch, in an order that is a function
+    of ``(seed, epoch)`` (unlike ``RandomSampler``, whose order depends on how many epochs the
+    same sampler object has run: a resumed run would start over)."""
+
+    def __init__(self, size: int, seed: int = 0) -> None:
+        self.size = int(size)
+        self.seed = int(seed)
+        self.start_epochs()
+
+    def epoch_indices(self, epoch: int) -> np.ndarray:
+        return epoch_generator(self.seed, epoch).permutation(self.size)
 
 
 class UndersampledTileSampler(EpochSampler):

@@ -24,12 +24,17 @@ import numpy as np
 import torch
 
 from ichseg.data.windowing import stack_windows, to_working_size
+from ichseg.errors import IchsegError
 from ichseg.eval.postprocess import grid_scale, postprocess_thresholds
 from ichseg.inference.stitch import full_slice, stitch, to_original_grid
 from ichseg.specs import InferenceSpec, InputSpec
 
 #: Network batches per chunk of slices sent to the device (and per progress-bar step).
 BATCHES_PER_CHUNK = 4
+
+
+class NonFinitePrediction(IchsegError):
+    """The network gave NaN or infinite probabilities (diverged weights, or an overflow)."""
 
 
 def resolve_autocast(autocast: str, device: torch.device) -> torch.dtype | None:
@@ -54,6 +59,8 @@ class Predictor:
     (an :class:`~ichseg.models.UNet`, an :class:`~ichseg.models.intensity_band.IntensityBand`, or a
     LightningModule's forward). It runs on ``device`` (default: its parameters' device) in eval
     mode under ``torch.inference_mode``; inputs are cast to its floating-point parameter dtype.
+    Non-finite probabilities raise :class:`NonFinitePrediction` naming ``source`` (default: the
+    checkpoint file of a network from :func:`ichseg.checkpoint.load_model`).
     """
 
     def __init__(
@@ -62,6 +69,7 @@ class Predictor:
         input_spec: InputSpec,
         inference_spec: InferenceSpec,
         device: torch.device | str | None = None,
+        source: str | None = None,
     ) -> None:
         if not isinstance(input_spec, InputSpec) or not isinstance(inference_spec, InferenceSpec):
             raise TypeError("Predictor takes an InputSpec and an InferenceSpec")
@@ -72,6 +80,7 @@ class Predictor:
         self.input_spec = input_spec
         self.inference_spec = inference_spec
         self.device = torch.device(device)
+        self.source = source or getattr(net, "ichseg_checkpoint", None) or "the network"
         self.amp_dtype = resolve_autocast(inference_spec.autocast, self.device)
         self.input_dtype = next(
             (p.dtype for p in parameters if p.is_floating_point()), torch.float32
@@ -124,6 +133,13 @@ class Predictor:
                 )  # fmt: skip
             else:
                 maps = full_slice(self._model, images, batch_size=run.tile_batch_size, **common)
+            if not bool(torch.isfinite(maps).all()):
+                bad = int((~torch.isfinite(maps)).sum())
+                raise NonFinitePrediction(
+                    f"{self.source}: the network gives {bad} NaN or infinite probabilities on "
+                    f"slices {start}-{stop - 1} (diverged weights, or an overflow under "
+                    f"autocast {self.inference_spec.autocast!r}); no mask is written from them"
+                )
             out[start:stop] = maps
             if progress is not None:
                 progress.update((stop - start) * per_slice)

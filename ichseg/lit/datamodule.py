@@ -20,6 +20,7 @@ from ichseg.data.dataset import TileDataset, collate_batch
 from ichseg.data.folds import DEFAULT_EXCLUDE
 from ichseg.data.phantom_spec import PhantomSpec
 from ichseg.data.rounds import RENAMED_OPTIONS, Mode, RoundData, check_options, renamed_option
+from ichseg.data.sampling import EpochSampler
 
 
 class CTICHDataModule(RoundData, pl.LightningDataModule):
@@ -139,6 +140,12 @@ class CTICHDataModule(RoundData, pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         dataset, sampler = self.train_dataset()
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None and isinstance(sampler, EpochSampler):
+            # Lightning sets the sampler's epoch only after it has created the loader's iterator,
+            # whose workers start drawing indices at once: in a resumed run they would draw those
+            # of epoch 0. Start at the epoch Lightning is about to run.
+            sampler.set_epoch(trainer.fit_loop.epoch_progress.current.processed)
         return self._loader(dataset, sampler)
 
     def val_dataloader(self) -> DataLoader:

@@ -10,11 +10,17 @@ fixed validation batch. Batches are dicts with ``image`` (B, C, H, W) float and 
 
 GPU options: ``channels_last`` memory format, ``compile`` (``torch.compile`` of the network's
 forward, the weights stay under ``net.``), and any Lightning ``precision`` (e.g. ``bf16-mixed``).
-docs/training.md.
+
+Guards and resumption: a non-finite training loss, validation loss or validation output stops the
+run with :class:`~ichseg.errors.TrainingDiverged` before a checkpoint of that epoch is kept, and no
+checkpoint with non-finite weights is ever written. Every training epoch starts from a random state
+derived from ``(seed, epoch, rank)`` and checkpoints carry the random state, so a run resumed from
+``last.ckpt`` continues exactly as the uninterrupted run would have. docs/training.md.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable, Mapping
 from functools import partial
 from typing import Any
@@ -27,16 +33,33 @@ from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 from torchmetrics import MetricCollection
 from torchmetrics.classification import BinaryF1Score, BinaryJaccardIndex
 
-from ichseg.errors import ConfigError, IchsegError
+from ichseg.errors import ConfigError, TrainingDiverged
 from ichseg.lit.callbacks.images import keep_overlay_batch, log_overlay_grid
 from ichseg.utils.plain import to_plain
+from ichseg.utils.rng import derived_seed, rng_state, seed_all, set_rng_state
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], Optimizer]
 SchedulerFactory = Callable[[Optimizer], LRScheduler]
 
 
-class NonFiniteLossError(IchsegError):
+class NonFiniteLossError(TrainingDiverged):
     """The training loss became NaN or infinite."""
+
+
+#: What a diverged run can try, ending every :class:`TrainingDiverged` message.
+DIVERGED_HINT = (
+    "lower model.optimizer.lr or train in full precision (trainer.precision=32-true) and start "
+    "the run again (a resumed run would restore the optimiser's learning rate)"
+)
+
+
+def first_non_finite(tensors: Mapping[str, Any]) -> str | None:
+    """The name of the first floating-point tensor of ``tensors`` holding NaN or inf, or None."""
+    for name, tensor in tensors.items():
+        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point():
+            if not bool(torch.isfinite(tensor).all()):
+                return name
+    return None
 
 
 def inverse_time_decay(optimizer: Optimizer, decay: float) -> LambdaLR:
@@ -64,7 +87,14 @@ class ICHSegmentationModule(pl.LightningModule):
         image_log_samples: samples in that grid.
         channels_last: run the network in channels-last memory format (faster convolutions on GPUs).
         compile: ``torch.compile`` the network's forward.
-        check_finite_loss: stop with a clear error when the training loss is NaN or infinite.
+        check_finite_loss: stop with :class:`~ichseg.errors.TrainingDiverged` when the training
+            loss, the validation loss or the validation outputs are NaN or infinite, and refuse to
+            save a checkpoint whose weights are (no checkpoint of a diverged epoch is kept).
+        epoch_seed: start every training epoch from a random state (torch, numpy, python) derived
+            from ``(seed, epoch, rank)``, with ``seed`` the one given to ``pl.seed_everything``
+            (``PL_GLOBAL_SEED``; nothing is reseeded without it): dropout and any other draw of
+            an epoch do not depend on what ran before it, so a resumed run repeats an
+            uninterrupted one bit for bit.
         meta: plain-data description of the run (model and preprocessing config) stored in every
             checkpoint under ``"ichseg"``, so that prediction can rebuild the network and its
             inputs.
@@ -85,6 +115,7 @@ class ICHSegmentationModule(pl.LightningModule):
         compile: bool = False,
         check_finite_loss: bool = True,
         meta: Mapping[str, Any] | None = None,
+        epoch_seed: bool = True,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(
@@ -112,6 +143,9 @@ class ICHSegmentationModule(pl.LightningModule):
         self.image_log_samples = image_log_samples
         self.channels_last = channels_last
         self.check_finite_loss = check_finite_loss
+        self.epoch_seed = bool(epoch_seed)
+        # validation batches with a non-finite loss or output in the current epoch
+        self._val_non_finite = torch.zeros((), dtype=torch.int64)
         self.meta = dict(meta or {})
         self.val_metrics = MetricCollection(
             {"jaccard": BinaryJaccardIndex(), "dice": BinaryF1Score()}, prefix="val/"
@@ -152,7 +186,8 @@ class ICHSegmentationModule(pl.LightningModule):
             raise NonFiniteLossError(
                 f"the training loss is {loss.item()} at epoch {self.current_epoch}, "
                 f"step {self.global_step} "
-                f"(batch {batch_idx}); lower the learning rate or check the input data"
+                f"(batch {batch_idx}); no checkpoint of this epoch is kept: {DIVERGED_HINT}, "
+                "or check the input data"
             )
         self.log(
             "train/loss",
@@ -169,6 +204,9 @@ class ICHSegmentationModule(pl.LightningModule):
         logits = self(batch["image"])
         target = batch["mask"]
         loss = self.loss(logits.float(), target.float())
+        if self.check_finite_loss:
+            bad = ~torch.isfinite(loss) | ~torch.isfinite(logits).all()
+            self._val_non_finite = self._val_non_finite.to(bad.device) + bad.long()
         self.log(
             "val/loss", loss, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=len(logits)
         )
@@ -181,12 +219,47 @@ class ICHSegmentationModule(pl.LightningModule):
         # fresh metric states in the current grad mode (a `validate` before `fit` leaves
         # inference-mode tensors behind)
         self.val_metrics.reset()
+        self._val_non_finite = torch.zeros((), dtype=torch.int64, device=self.device)
 
     def on_validation_epoch_end(self) -> None:
+        self._check_finite_validation()
         self.log_dict(self.val_metrics.compute(), prog_bar=True, sync_dist=True)
         self.val_metrics.reset()
         if not self.trainer.sanity_checking:
             self._log_overlay_grid()
+
+    def _check_finite_validation(self) -> None:
+        """Raise :class:`TrainingDiverged` when a validation batch (on any rank) had a non-finite
+        loss or output: callbacks saving checkpoints (``on_validation_end``,
+        ``on_train_epoch_end``) run after this hook, so nothing of this epoch is kept."""
+        if not self.check_finite_loss:
+            return
+        count = int(self._val_non_finite.item())
+        trainer = self._trainer
+        diverged = count > 0
+        if trainer is not None:
+            diverged = trainer.strategy.reduce_boolean_decision(diverged, all=False)
+        if not diverged:
+            return
+        weights = first_non_finite(self.state_dict())
+        if weights:
+            cause = f"the weight {weights} is NaN or infinite"
+        else:
+            largest = max((float(p.detach().abs().max()) for p in self.parameters()), default=0.0)
+            cause = (
+                f"the weights are finite (largest magnitude {largest:.3g}): activations overflowed"
+            )
+        sanity = trainer is not None and trainer.sanity_checking
+        where = (
+            "in the sanity check before training"
+            if sanity
+            else f"at epoch {self.current_epoch}, step {self.global_step}"
+        )
+        raise TrainingDiverged(
+            f"training diverged {where}: the validation loss or network outputs are NaN or "
+            f"infinite on {count} validation batch(es) and {cause}; no checkpoint of this epoch "
+            f"is kept: {DIVERGED_HINT}"
+        )
 
     def test_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> None:
         """Window-level test metrics (``test/loss``, ``test/jaccard``, ``test/dice``)."""
@@ -222,11 +295,31 @@ class ICHSegmentationModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ checkpoints
 
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # Reseed before an epoch's first step rather than in on_train_epoch_start: Lightning
+        # skips that hook in the first epoch of a run resumed from an end-of-epoch checkpoint.
+        seed = os.environ.get("PL_GLOBAL_SEED")
+        if self.epoch_seed and seed is not None and batch_idx == 0:
+            seed_all(derived_seed(int(seed), self.current_epoch, self.global_rank))
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.check_finite_loss:
+            name = first_non_finite(checkpoint.get("state_dict", {}))
+            if name is not None:
+                raise TrainingDiverged(
+                    f"training diverged at epoch {self.current_epoch}, step {self.global_step}: "
+                    f"the weight {name} is NaN or infinite, so the checkpoint of this epoch is "
+                    f"not written: {DIVERGED_HINT}"
+                )
         checkpoint["ichseg"] = to_plain(self.meta)
+        checkpoint["ichseg_rng"] = rng_state()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.meta = dict(checkpoint.get("ichseg", {}))
+        trainer = self._trainer
+        state = checkpoint.get("ichseg_rng")
+        if state is not None and trainer is not None and trainer.state.fn == "fit":
+            set_rng_state(state)  # resuming: the random state where the run stopped
         #: (epoch, global_step) at which the loaded weights were saved (named in reports).
         self.loaded_position = (
             int(checkpoint.get("epoch", 0)),
