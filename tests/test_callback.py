@@ -115,7 +115,8 @@ def test_oracle_scores_one_and_every_test_slice_is_written_once(case, datamodule
         for name in ("sensitivity", "specificity", "accuracy"):
             assert metric(trainer, f"test/stitched_{name}@{t:g}") == 1.0
     assert results[0]["test/stitched_dice"] == 1.0  # also in what trainer.test returns
-    assert "test/dice" in trainer.callback_metrics  # the module's window-level metric is kept
+    # the test split is predicted once, by the stitched pass: no window-level test metrics
+    assert "test/dice" not in trainer.callback_metrics
     if case != "jpg-crop":  # the JPG release has no spacing: volumes are undefined
         assert metric(trainer, "test/stitched_abs_error_ml") == 0.0
 
@@ -376,3 +377,172 @@ def test_earlier_callback_path_keeps_working() -> None:
     )
     conf = Path(__file__).parents[1] / "conf" / "callbacks" / "stitched_eval.yaml"
     assert "_target_: ichseg.lit.callbacks.stitched_eval.StitchedEvaluation" in conf.read_text()
+
+
+# ------------------------------------------------------------------------- one pass over the tiles
+
+
+class Blurred(nn.Module):
+    """A 5x5 mean of channel 0 into logits: near the mask, wrong at its edges, by threshold."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 1, 5, padding=2)
+        with torch.no_grad():
+            self.conv.weight.fill_(40.0 / 25)
+            self.conv.bias.fill_(-18.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x[:, :1])
+
+
+class Counted(nn.Module):
+    """``net`` with a count of its forward calls and of the inputs it was given."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+        self.calls = 0
+        self.inputs = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        self.inputs += len(x)
+        return self.net(x)
+
+
+def split_tiles(datamodule: CTICHDataModule, split: str) -> list[int]:
+    """Network inputs (tiles, or whole slices) of each patient of ``split``."""
+    per_slice = datamodule.input_spec.tiles_per_slice
+    return [scan.n_slices * per_slice for scan in datamodule.eval_scans(split)]
+
+
+@pytest.mark.parametrize("case", ["nifti-windowed", "nifti-full_slice"])
+@pytest.mark.parametrize("tune_on_val", [False, True])
+def test_a_test_phase_runs_the_network_once_per_test_tile(case, tune_on_val, datamodules, tmp_path):
+    datamodule = datamodules[case]
+    batch = datamodule.input_spec.tiles_per_slice  # one slice's tiles per forward pass
+    net = Counted(Blurred())
+    callback = StitchedEvaluation(
+        min_area=0, n_overlays=0, tune_on_val=tune_on_val, inference={"tile_batch_size": batch}
+    )
+    module = ICHSegmentationModule(net)
+    make_trainer(tmp_path, [callback]).test(module, datamodule=datamodule, verbose=False)
+
+    test_tiles = sum(split_tiles(datamodule, "test"))
+    assert test_tiles == len(datamodule.eval_dataset("test"))  # the test loop's tiles
+    expected_calls, expected_inputs = math.ceil(test_tiles / batch), test_tiles
+    if tune_on_val:  # each val tile once, for every threshold and post-processing tried
+        val_tiles = sum(split_tiles(datamodule, "val"))
+        expected_calls += math.ceil(val_tiles / batch)
+        expected_inputs += val_tiles
+    assert net.calls == expected_calls and net.inputs == expected_inputs
+    assert module.window_test_metrics  # restored after the test phase
+
+
+def test_forward_calls_are_the_tile_batches_of_each_patient(datamodules, tmp_path):
+    """A tile batch that does not divide a slice's tiles: ceil(tiles / batch) per patient."""
+    datamodule = datamodules["nifti-windowed"]
+    net = Counted(Blurred())
+    callback = StitchedEvaluation(n_overlays=0, inference={"tile_batch_size": 100})
+    trainer = make_trainer(tmp_path, [callback])
+    trainer.test(ICHSegmentationModule(net), datamodule=datamodule, verbose=False)
+    # 100 tiles per batch x 4 batches per chunk: 16 slices of 25 tiles, more than any patient has
+    assert all(n <= 400 for n in split_tiles(datamodule, "test"))
+    assert net.calls == sum(math.ceil(n / 100) for n in split_tiles(datamodule, "test"))
+    assert net.inputs == sum(split_tiles(datamodule, "test"))
+
+
+def test_the_window_metrics_stay_when_the_test_split_is_not_stitched(datamodules, tmp_path):
+    datamodule = datamodules["nifti-windowed"]
+    net = Counted(Blurred())
+    callback = StitchedEvaluation(splits=["val"], min_area=0, n_overlays=0)
+    trainer = make_trainer(tmp_path, [callback])
+    trainer.test(ICHSegmentationModule(net), datamodule=datamodule, verbose=False)
+    assert (
+        "test/dice" in trainer.callback_metrics and "val/stitched_dice" in trainer.callback_metrics
+    )
+    assert net.inputs == len(datamodule.eval_dataset("test")) + sum(split_tiles(datamodule, "val"))
+
+
+@pytest.mark.parametrize("tune_on_val", [False, True])
+def test_the_reported_metrics_are_those_of_scoring_each_split_on_its_own(
+    tune_on_val, datamodules, tmp_path
+):
+    """The callback's numbers equal scoring outside Lightning, every post-processing of the
+    tuning predicted separately, as before the test phase shared its passes."""
+    from ichseg.eval.scoring import scalar_metrics, score_scans
+    from ichseg.eval.tables import compute_tables
+    from ichseg.eval.tuning import TUNE_THRESHOLDS, choose_on_validation, tuning_variants
+    from ichseg.inference.predictor import Predictor
+    from ichseg.specs import InferenceSpec
+
+    datamodule = datamodules["nifti-windowed"]
+    module = ICHSegmentationModule(Blurred())
+    callback = StitchedEvaluation(
+        min_area=0, n_overlays=0, tune_on_val=tune_on_val, inference={"tile_batch_size": 7}
+    )
+    trainer = make_trainer(tmp_path, [callback])
+    trainer.test(module, datamodule=datamodule, verbose=False)
+
+    spec = InferenceSpec(tile_batch_size=7)
+    thresholds = sorted(set(THRESHOLDS) | {spec.threshold})
+    if tune_on_val:
+        results = {}
+        for enabled in tuning_variants(spec):
+            variant = spec.with_operating_point(spec.threshold, enabled and spec.postprocess)
+            predictor = Predictor(module, datamodule.input_spec, variant, "cpu")
+            results[enabled] = score_scans(predictor, datamodule.eval_scans("val"), TUNE_THRESHOLDS)
+        choice = choose_on_validation(results, TUNE_THRESHOLDS, spec.threshold, True, 0)
+        assert (choice.threshold, choice.postprocess) == (
+            callback.tuning.threshold, callback.tuning.postprocess,
+        )  # fmt: skip
+        assert choice.grid == callback.tuning.grid
+        spec = spec.with_operating_point(choice.threshold, choice.postprocess)
+        thresholds = sorted(set(thresholds) | {spec.threshold, *TUNE_THRESHOLDS})
+    predictor = Predictor(module, datamodule.input_spec, spec, "cpu")
+    merged = score_scans(predictor, datamodule.eval_scans("test"), thresholds)
+    expected = scalar_metrics(
+        compute_tables(merged.counts, merged.patients, spec.threshold, 0), "test"
+    )
+    assert 0 < expected["test/stitched_dice"] < 1  # a model that is neither perfect nor empty
+    for name, value in expected.items():
+        assert metric(trainer, name) == pytest.approx(value, nan_ok=True), name
+    scored, _ = callback.results["test"]
+    np.testing.assert_array_equal(scored.counts.pred_pixels, merged.counts.pred_pixels)
+    np.testing.assert_array_equal(scored.counts.intersection, merged.counts.intersection)
+
+
+def test_progress_bars_follow_the_trainer(datamodules, tmp_path, monkeypatch):
+    """Bars over patients and tiles on a terminal when the trainer shows its own; none when
+    the trainer's bar is off (enable_progress_bar, refresh rate 0) or not on a terminal."""
+    import io
+    import sys
+
+    from pytorch_lightning.callbacks import TQDMProgressBar
+
+    from ichseg.lit.callbacks.stitched_eval import progress_enabled
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    datamodule = datamodules["nifti-windowed"]
+
+    def run(terminal: bool, **options) -> tuple[pl.Trainer, str]:
+        stream = Terminal() if terminal else io.StringIO()
+        monkeypatch.setattr(sys, "stderr", stream)
+        callback = StitchedEvaluation(min_area=0, n_overlays=0)
+        trainer = make_trainer(tmp_path, [callback, *options.pop("bars", [])], **options)
+        trainer.test(ICHSegmentationModule(Blurred()), datamodule=datamodule, verbose=False)
+        monkeypatch.undo()
+        return trainer, stream.getvalue()
+
+    trainer, text = run(True, enable_progress_bar=True)
+    assert progress_enabled(trainer) and "Stitched test" in text and "tile" in text
+    trainer, text = run(True, enable_progress_bar=False)
+    assert not progress_enabled(trainer) and "Stitched test" not in text
+    trainer, text = run(True, enable_progress_bar=True, bars=[TQDMProgressBar(refresh_rate=0)])
+    assert not progress_enabled(trainer) and "Stitched test" not in text
+    trainer, text = run(False, enable_progress_bar=True)
+    assert "Stitched test" not in text

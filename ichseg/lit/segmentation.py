@@ -154,6 +154,10 @@ class ICHSegmentationModule(pl.LightningModule):
         self._compiled_forward: Callable[[torch.Tensor], torch.Tensor] | None = None
         self._compile = compile
         self._fixed_val_batch: dict[str, torch.Tensor] | None = None
+        #: Compute the window-level test metrics in ``test_step``. The stitched evaluation
+        #: switches them off when it scores the test split itself, so that a test phase runs the
+        #: network over each test tile once (docs/evaluation.md).
+        self.window_test_metrics = True
 
     # ------------------------------------------------------------------ forward
 
@@ -262,7 +266,10 @@ class ICHSegmentationModule(pl.LightningModule):
         )
 
     def test_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> None:
-        """Window-level test metrics (``test/loss``, ``test/jaccard``, ``test/dice``)."""
+        """Window-level test metrics (``test/loss``, ``test/jaccard``, ``test/dice``), unless
+        :attr:`window_test_metrics` is off (then the network does not run on the batch)."""
+        if not self.window_test_metrics:
+            return
         logits = self(batch["image"])
         target = batch["mask"]
         loss = self.loss(logits.float(), target.float())
@@ -275,7 +282,8 @@ class ICHSegmentationModule(pl.LightningModule):
         self.test_metrics.reset()
 
     def on_test_epoch_end(self) -> None:
-        self.log_dict(self.test_metrics.compute(), sync_dist=True)
+        if self.window_test_metrics:
+            self.log_dict(self.test_metrics.compute(), sync_dist=True)
         self.test_metrics.reset()
 
     def _log_overlay_grid(self) -> None:

@@ -158,6 +158,9 @@ class ThresholdModule(pl.LightningModule):
         self._batch_histograms: dict[Any, tuple[np.ndarray, np.ndarray]] = {}
         self._fitted_epoch: int | None = None
         self._fixed_val_batch: dict[str, torch.Tensor] | None = None
+        #: Compute the window-level test metrics in ``test_step`` (switched off by the stitched
+        #: evaluation when it scores the test split: each test tile is predicted once).
+        self.window_test_metrics = True
 
     # ------------------------------------------------------------------ prediction
 
@@ -353,7 +356,10 @@ class ThresholdModule(pl.LightningModule):
             log_overlay_grid(self)
 
     def test_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> None:
-        """Window-level test metrics (``test/jaccard``, ``test/dice``)."""
+        """Window-level test metrics (``test/jaccard``, ``test/dice``), unless
+        :attr:`window_test_metrics` is off."""
+        if not self.window_test_metrics:
+            return
         self.test_metrics.update(
             self.predict_probabilities(batch["image"]).int(), batch["mask"].int()
         )
@@ -366,7 +372,8 @@ class ThresholdModule(pl.LightningModule):
         self.test_metrics.reset()
 
     def on_test_epoch_end(self) -> None:
-        self.log_dict(self.test_metrics.compute(), sync_dist=True)
+        if self.window_test_metrics:
+            self.log_dict(self.test_metrics.compute(), sync_dist=True)
         self.test_metrics.reset()
 
     # ------------------------------------------------------------------ checkpoints

@@ -7,13 +7,19 @@ on val (:mod:`ichseg.eval.tuning`). Under DDP each rank scores its share of the 
 (:func:`~ichseg.eval.scoring.shard_patients`) and the results are gathered and merged, so every
 slice is scored once; rank 0 writes the report files (:func:`ichseg.eval.report.write_report`)
 and the TensorBoard tables and overlays. The logged scalars and the files: docs/evaluation.md.
+
+A test phase runs the network once over each test tile: the callback switches off the module's
+window-level test metrics (``window_test_metrics``) when it scores the test split itself, and
+``tune_on_val`` predicts each validation patient once for every threshold and post-processing.
+Each scored split shows tqdm bars over its patients and the current patient's tiles when the
+trainer shows its own progress bar (:func:`progress_enabled`) on a terminal.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +57,57 @@ from ichseg.inference.predictor import Predictor
 from ichseg.specs import InferenceSpec
 
 SPLITS: tuple[str, ...] = ("val", "test")
+
+
+def progress_enabled(trainer: pl.Trainer) -> bool:
+    """Whether the stitched evaluation may show progress bars: rank 0 of a trainer whose own
+    progress bar is on (``enable_progress_bar`` and a refresh rate above 0); tqdm then still
+    shows them only on a terminal."""
+    if getattr(trainer, "global_rank", 0) != 0:
+        return False
+    bar = getattr(trainer, "progress_bar_callback", None)
+    if bar is None:
+        return False
+    if getattr(bar, "is_disabled", False) or not getattr(bar, "refresh_rate", 1):
+        return False
+    return True
+
+
+class EvaluationProgress:
+    """tqdm bars of one stitched evaluation: the patients of the split, and the tiles (whole
+    slices in full-slice mode) of the patient being predicted. ``update`` is what
+    :meth:`~ichseg.inference.Predictor.working_probabilities` calls; ``enabled=False`` shows
+    nothing, ``None`` only on a terminal (tqdm's rule)."""
+
+    def __init__(
+        self, split: str, n_patients: int, tiles_per_slice: int, unit: str, enabled: bool | None
+    ) -> None:
+        from tqdm.auto import tqdm
+
+        disable = True if enabled is False else None
+        self.tiles_per_slice = int(tiles_per_slice)
+        self.patients = tqdm(
+            total=n_patients, desc=f"Stitched {split}", unit="patient", leave=False,
+            disable=disable, dynamic_ncols=True,
+        )  # fmt: skip
+        self.tiles = tqdm(
+            total=0, desc="patient", unit=unit, leave=False, disable=disable, dynamic_ncols=True
+        )
+
+    def scans(self, scans: Iterable[Any]) -> Iterator[Any]:
+        """``scans`` as they are, advancing the bars: the tile bar restarts with each patient."""
+        for scan in scans:
+            self.tiles.reset(total=int(scan.n_slices) * self.tiles_per_slice)
+            self.tiles.set_description(f"patient {scan.patient_id}", refresh=False)
+            yield scan
+            self.patients.update(1)
+
+    def update(self, n: int) -> None:
+        self.tiles.update(n)
+
+    def close(self) -> None:
+        self.tiles.close()
+        self.patients.close()
 
 
 def gather_objects(obj: Any, world_size: int) -> list[Any]:
@@ -153,6 +210,7 @@ class StitchedEvaluation(pl.Callback):
         self.operating_point_file: Path | None = None
         self._applied: InferenceSpec | None = None
         self._gallery: OverlayGallery | None = None
+        self._window_metrics: bool | None = None
 
     # ------------------------------------------------------------------ hooks
 
@@ -164,6 +222,16 @@ class StitchedEvaluation(pl.Callback):
                 "StitchedEvaluation needs a datamodule with eval_scans(split) and input_spec "
                 "(CTICHDataModule): pass datamodule= to the trainer or remove the callback"
             )
+        if stage == "test" and "test" in self.splits:
+            # the test split is predicted here, once: the module's test loop skips the network
+            self._window_metrics = getattr(pl_module, "window_test_metrics", None)
+            if self._window_metrics is not None:
+                pl_module.window_test_metrics = False
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "test" and self._window_metrics is not None:
+            pl_module.window_test_metrics = self._window_metrics
+            self._window_metrics = None
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         every = self.every_n_val_epochs
@@ -217,8 +285,8 @@ class StitchedEvaluation(pl.Callback):
         predictor = self.predictor(trainer, pl_module, spec)
         gathered = self._score_split(
             trainer, pl_module, "val",
-            lambda scans: score_scans_variants(predictor, scans, self.tune_thresholds,
-                                               list(variants.values())),
+            lambda scans, progress: score_scans_variants(predictor, scans, self.tune_thresholds,
+                                                         list(variants.values()), progress),
         )  # fmt: skip
         merged = {
             enabled: merge_shards([parts[i] for parts in gathered])
@@ -233,18 +301,24 @@ class StitchedEvaluation(pl.Callback):
         trainer: pl.Trainer,
         pl_module: pl.LightningModule,
         split: str,
-        score: Callable[[Iterator[Any]], Any],
+        score: Callable[[Iterator[Any], EvaluationProgress], Any],
     ) -> list[Any]:
-        """``score`` this rank's share of ``split``'s scans with the model in eval mode; every
-        rank's result, gathered on every rank."""
+        """``score(scans, progress)`` this rank's share of ``split``'s scans with the model in
+        eval mode, with progress bars (:class:`EvaluationProgress`); every rank's result,
+        gathered on every rank."""
         datamodule: EvaluationData = trainer.datamodule
         members = list(datamodule.cv_round.patients(split))
         mine = shard_patients(members, trainer.global_rank, trainer.world_size)
+        spec = datamodule.input_spec
+        unit = "tile" if spec.mode == "windowed" else "slice"
+        enabled = None if progress_enabled(trainer) else False
+        progress = EvaluationProgress(split, len(mine), spec.tiles_per_slice, unit, enabled)
         was_training = pl_module.training
         pl_module.eval()
         try:
-            local = score(datamodule.eval_scans(split, patients=mine))
+            local = score(progress.scans(datamodule.eval_scans(split, patients=mine)), progress)
         finally:
+            progress.close()
             pl_module.train(was_training)
         return gather_objects(local, trainer.world_size)
 
@@ -310,7 +384,9 @@ class StitchedEvaluation(pl.Callback):
         gallery = OverlayGallery(self.n_overlays if use_gallery else 0)
         gathered = self._score_split(
             trainer, pl_module, split,
-            lambda scans: (score_scans(predictor, scans, thresholds, gallery, mask_dir), gallery),
+            lambda scans, progress: (
+                score_scans(predictor, scans, thresholds, gallery, mask_dir, progress), gallery
+            ),
         )  # fmt: skip
         merged = merge_shards([part for part, _ in gathered])
         gallery.merge(g for _, g in gathered)
