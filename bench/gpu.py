@@ -48,8 +48,8 @@ def sizes(dry_run: bool, workers: int) -> dict[str, object]:
             "predict_slices": 2, "predict_size": 128, "predict_base": 4,
         }  # fmt: skip
     return {
-        "patients": 15, "slices": 16, "size": 512, "working_size": None, "tile_size": None,
-        "base_filters": 64, "batch_size": 32, "epochs": 2, "batches": 40, "workers": workers,
+        "patients": 15, "slices": 24, "size": 512, "working_size": None, "tile_size": None,
+        "base_filters": 64, "batch_size": 32, "epochs": 3, "batches": 40, "workers": workers,
         "device": "cuda", "precision": "bf16-mixed", "repeats": 1,
         "predict_slices": 40, "predict_size": 512, "predict_base": 64,
     }  # fmt: skip
