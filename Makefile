@@ -77,6 +77,8 @@ bench: install $(BENCH_PHANTOM)
 	$(PY) bench/stitch.py
 	$(PY) bench/threshold.py --root $(BENCH_PHANTOM)
 	$(PY) bench/predict.py
+	$(PY) bench/train_loop.py
+	$(PY) bench/evaluate.py
 
 lint: install
 	$(PY) -m ruff check ichseg tests bench
