@@ -14,26 +14,11 @@ import pytest
 import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict, read_write
+from test_train import TINY
 
 from ichseg.cli import train as train_cli
 from ichseg.errors import ConfigError
 from ichseg.train import check_splits_file, compose_config, share_splits_in_sweep
-
-TINY = [
-    "data.phantom.patients=9",
-    "data.k=3",
-    "data.phantom.slices=6",
-    "data.phantom.size=64",
-    "data.working_size=64",
-    "data.tile_size=32",
-    "data.tile_stride=16",
-    "data.batch_size=8",
-    "model.net.base_filters=4",
-    "model.net.depth=2",
-    "trainer.max_epochs=1",
-    "callbacks.progress_bar.refresh_rate=0",
-    "+trainer.enable_model_summary=false",
-]
 
 
 @pytest.fixture
