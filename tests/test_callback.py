@@ -6,6 +6,7 @@ import copy
 import csv
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +19,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ichseg.data.datamodule import CTICHDataModule
+from ichseg.data.layout import PHANTOM_MARKER
 from ichseg.errors import ConfigError
 from ichseg.eval.counts import SliceCounts
+from ichseg.eval.markdown import SYNTHETIC_BANNER
 from ichseg.eval.postprocess import grid_scale
 from ichseg.eval.scoring import EvaluationData, ShardResult, merge_shards, shard_patients
 from ichseg.eval.tables import PatientInfo
@@ -127,7 +130,11 @@ def test_oracle_scores_one_and_every_test_slice_is_written_once(case, datamodule
     assert settings["min_area"] == 0 and settings["thresholds"] == list(THRESHOLDS)
     assert settings["mode"] == datamodule.mode
     assert report["tables"]["segmentation"]["dice"]["mean"] == 1.0
-    assert "Table 5" in (tmp_path / "report.md").read_text()
+    report_md = (tmp_path / "report.md").read_text()
+    assert "Table 5" in report_md
+    # a phantom's report says, under its title, that the data is synthetic
+    assert settings["synthetic"] is True
+    assert report_md.splitlines()[2] == SYNTHETIC_BANNER
 
     with open(tmp_path / "slices.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
@@ -148,7 +155,10 @@ def test_oracle_scores_one_and_every_test_slice_is_written_once(case, datamodule
     events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"images": 0, "tensors": 0})
     events.Reload()
     assert any("stitched_best_slices" in tag for tag in events.Tags()["images"])
-    assert any("stitched_report" in tag for tag in events.Tags()["tensors"])
+    text_tags = [tag for tag in events.Tags()["tensors"] if "stitched_report" in tag]
+    assert text_tags
+    text = events.Tensors(text_tags[0])[0].tensor_proto.string_val[0].decode()
+    assert SYNTHETIC_BANNER in text
 
 
 def test_the_original_masks_are_the_reference(datamodules, tmp_path):
@@ -179,6 +189,24 @@ def test_empty_model_scores_dice_zero_and_specificity_one(datamodules, tmp_path)
     report = strict_json(tmp_path / "report.json")
     assert report["settings"]["min_area"] == 400
     assert report["settings"]["postprocess"]["closing_size"] == 10
+
+
+def test_data_without_the_phantom_marker_get_no_synthetic_banner(nifti_phantom, tmp_path):
+    """The banner follows the marker file, not the patients: the same scans without
+    ``ichseg_phantom.json`` (as a real release has none) give a report without it."""
+    root = tmp_path / "release"
+    shutil.copytree(nifti_phantom.root, root)
+    (root / PHANTOM_MARKER).unlink()
+    datamodule = oracle_datamodule(root, working_size=96)
+    assert datamodule.dataset.synthetic is False
+    callback = StitchedEvaluation(min_area=0, inference={"postprocess": False}, n_overlays=0)
+    out = tmp_path / "out"
+    make_trainer(out, [callback]).test(
+        ICHSegmentationModule(Oracle()), datamodule=datamodule, verbose=False
+    )
+    assert "synthetic" not in strict_json(out / "report.json")["settings"]
+    report_md = (out / "report.md").read_text()
+    assert "Table 5" in report_md and SYNTHETIC_BANNER not in report_md
 
 
 def test_gaussian_blending_and_a_resampled_grid_stay_close_to_perfect(nifti_phantom, tmp_path):
@@ -321,7 +349,7 @@ def test_train_entry_point_writes_the_stitched_report(tmp_path):
         f"paths.cache_dir={tmp_path / 'cache'}", "data.phantom.patients=8", "data.phantom.slices=6",
         "data.phantom.size=64", "data.k=4", "data.working_size=64", "data.tile_size=32",
         "data.tile_stride=16", "model.net.base_filters=4", "model.net.depth=2",
-        "trainer.max_epochs=1",
+        "trainer.max_epochs=1", "callbacks.stitched_eval.tune_on_val=false",
         "++trainer.limit_train_batches=2", "callbacks.progress_bar.refresh_rate=0",
     ]  # fmt: skip
     cfg = compose_config(overrides)
@@ -335,6 +363,7 @@ def test_train_entry_point_writes_the_stitched_report(tmp_path):
     assert "best-epoch000" in report["checkpoint"] and "test/stitched_dice" in metrics
     for name in ("report.md", "slices.csv", "counts.npz"):
         assert (run_dir / name).is_file()
+    assert SYNTHETIC_BANNER in (run_dir / "report.md").read_text()  # the demo's phantom says so
 
 
 def test_overlay_gallery_keeps_the_best_and_worst_slices_once():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import json
 import os
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from scipy import ndimage
 
 from ichseg.cli import phantom as phantom_cli
 from ichseg.data import phantom
+from ichseg.data.ctich import open_dataset
 from ichseg.data.phantom import (
     LABEL_COLUMNS,
     NIFTI_PATIENT_IDS,
@@ -77,8 +79,18 @@ def test_nifti_layout_names_shapes_dtypes_and_header(nifti: PhantomManifest) -> 
         "Patient_demographics.csv",
         "ct_scans",
         "hemorrhage_diagnosis_raw_ct.csv",
+        "ichseg_phantom.json",
         "masks",
     ]
+    marker = json.loads((root / "ichseg_phantom.json").read_text())
+    assert marker["synthetic"] is True and marker["release"] == "nifti"
+    assert (marker["patients"], marker["slices"], marker["size"], marker["seed"]) == (
+        12,
+        [9, 12],
+        SIZE,
+        1,
+    )
+    assert open_dataset(root).synthetic is True
     ids = [p.patient_id for p in nifti.patients]
     assert ids == [49, 50, 51, 52, 53, 54, 55, 56, 57, 58, 66, 67]
     names = [f"{i:03d}.nii" for i in ids]
@@ -117,6 +129,7 @@ def test_jpg_layout_names_sizes_and_masks_only_on_ich_slices(jpg: PhantomManifes
     assert sorted(p.name for p in root.iterdir()) == [
         "Patients_CT",
         "hemorrhage_diagnosis.csv",
+        "ichseg_phantom.json",
         "patient_demographics.csv",
     ]
     assert sorted(p.name for p in (root / "Patients_CT").iterdir()) == [

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from ichseg.data.ctich import SUBTYPES
+from ichseg.data.layout import PHANTOM_MARKER
 from ichseg.data.phantom import (
     BONE_WINDOW,
     BRAIN_WINDOW,
@@ -32,10 +33,11 @@ VOLUME_SHA256 = "fb8fa86e331a942971d0dca6f8acb23d7c0d9d84b159a15934d53465fd4efef
 
 
 def tree_sha256(root: Path) -> str:
-    """One sha256 over the relative path and bytes of every file under ``root``, in path order."""
+    """One sha256 over the relative path and bytes of every file under ``root``, in path order,
+    but the marker (it holds the ichseg version; tests/test_phantom.py checks its content)."""
     digest = hashlib.sha256()
     for path in sorted(root.rglob("*")):
-        if path.is_file():
+        if path.is_file() and path.name != PHANTOM_MARKER:
             digest.update(str(path.relative_to(root)).encode())
             digest.update(path.read_bytes())
     return digest.hexdigest()

@@ -42,6 +42,7 @@ from ichseg.data.layout import (  # finding a release's files, also importable f
     _index_nifti,
     _PatientFiles,
     find_release,
+    is_synthetic,
 )
 from ichseg.data.windowing import apply_window
 from ichseg.errors import ConfigError, DatasetError, DatasetProblems, first_line
@@ -165,6 +166,12 @@ class CTICHDataset:
         self.demographics = demographics
         self.labels_path = labels_path
         self.demographics_path = demographics_path
+
+    @property
+    def synthetic(self) -> bool:
+        """True for a generated phantom (:func:`ichseg.data.layout.is_synthetic`), whose reports
+        carry a banner saying the data is synthetic."""
+        return is_synthetic(self.root)
 
     @property
     def patient_ids(self) -> list[int]:

@@ -23,6 +23,16 @@ _JPG_IMAGE_NAME = re.compile(r"^(\d+)\.jpg$", re.IGNORECASE)
 _JPG_MASK_NAME = re.compile(r"^(\d+)_HGE_Seg\.jpg$", re.IGNORECASE)
 _PATIENT_DIR = re.compile(r"^\d+$")
 
+#: The file an ichseg phantom writes at the root of its release: the generator's arguments. Its
+#: presence marks the data as synthetic, so that every report on it says so.
+PHANTOM_MARKER = "ichseg_phantom.json"
+
+
+def is_synthetic(release_root: str | Path) -> bool:
+    """Whether the release folder ``release_root`` (as :func:`find_release` returns it) was
+    written by :func:`ichseg.data.phantom.generate_phantom` (it holds :data:`PHANTOM_MARKER`)."""
+    return (Path(release_root) / PHANTOM_MARKER).is_file()
+
 
 @dataclass
 class _PatientFiles:

@@ -295,6 +295,14 @@ def settings_lines(settings: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+#: The first line under the title of every report on a phantom (``settings["synthetic"]``).
+SYNTHETIC_BANNER = (
+    "> **Synthetic data.** These numbers come from a generated phantom (ichseg.data.phantom), not "
+    "from patients' CT scans: they show that the pipeline works end to end, not how well a model "
+    "segments real ICH."
+)
+
+
 def tables_markdown(
     tables: EvaluationTables,
     title: str = "Evaluation",
@@ -303,8 +311,11 @@ def tables_markdown(
     preamble: Sequence[str] = (),
     per_patient: bool = True,
 ) -> str:
-    """Every table as markdown, each with the paper's numbers as a reference column."""
+    """Every table as markdown, each with the paper's numbers as a reference column; a report on
+    synthetic data (``settings["synthetic"]``) opens with :data:`SYNTHETIC_BANNER`."""
     parts = [f"# {title}", ""]
+    if settings and settings.get("synthetic"):
+        parts += [SYNTHETIC_BANNER, ""]
     parts += list(preamble)
     if settings:
         parts += settings_lines(settings)

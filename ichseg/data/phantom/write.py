@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import json
 import os
 import re
 import shutil
@@ -18,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ichseg.data.ctich import LABEL_COLUMNS, SUBTYPE_COLUMNS
+from ichseg.data.layout import PHANTOM_MARKER
 from ichseg.data.phantom.images import (
     _affine,
     _write_nifti,
@@ -137,6 +139,26 @@ def _write_label_csv(path: Path, release: str, patients: Sequence[PhantomPatient
                 )
 
 
+def _write_marker(
+    path: Path, release: str, n_patients: int, slices: list[int], size: int, seed: int
+) -> None:
+    """The marker that says the folder is synthetic (:data:`ichseg.data.layout.PHANTOM_MARKER`),
+    with the arguments that regenerate it byte for byte."""
+    from ichseg import __version__
+
+    document = {
+        "synthetic": True,
+        "generator": "ichseg.data.phantom",
+        "ichseg_version": __version__,
+        "release": release,
+        "patients": n_patients,
+        "slices": slices,
+        "size": size,
+        "seed": seed,
+    }
+    path.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+
+
 def _write_demographics(
     path: Path, release: str, patients: Sequence[PhantomPatient], notes: dict[int, str]
 ) -> None:
@@ -225,6 +247,7 @@ def _write_patient(
 
 #: The top-level entries a phantom writes (either release), and how the files inside them are named.
 _TOP_FILES = {
+    PHANTOM_MARKER,
     "hemorrhage_diagnosis_raw_ct.csv",
     "Patient_demographics.csv",
     "hemorrhage_diagnosis.csv",
@@ -238,7 +261,8 @@ _PATIENT_FOLDER = re.compile(r"^\d{3}$")
 def _foreign_entry(out: Path) -> Path | None:
     """The first entry under ``out`` (in name order) that a phantom does not write, or None.
 
-    A phantom writes only the label and demographics CSVs, ``ct_scans/NNN.nii``,
+    A phantom writes only the label and demographics CSVs, its marker (``ichseg_phantom.json``),
+    ``ct_scans/NNN.nii``,
     ``masks/NNN.nii`` and ``Patients_CT/NNN/{brain,bone}/K[_HGE_Seg].jpg``; anything else
     (another name, a link, a folder where a file belongs) is someone else's.
     """
@@ -389,6 +413,7 @@ def generate_phantom(
         else:
             _write_label_csv(staging / "hemorrhage_diagnosis.csv", release, patients)
             _write_demographics(staging / "patient_demographics.csv", release, patients, notes)
+        _write_marker(staging / PHANTOM_MARKER, release, n, list(slices), s, int(seed))
         _check_target(out, overwrite)  # it may have appeared while we were writing
         _move_into_place(staging, out)
     return PhantomManifest(root=out, release=release, patients=tuple(patients))

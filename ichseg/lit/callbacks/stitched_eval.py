@@ -413,6 +413,8 @@ class StitchedEvaluation(pl.Callback):
         if trainer.global_rank != 0:
             return
         settings = self.settings(predictor, thresholds)
+        if getattr(datamodule.dataset, "synthetic", False):
+            settings["synthetic"] = True
         fold = datamodule.fold
         epoch, step = checkpoint_position(trainer, pl_module)
         title = f"Stitched evaluation: fold {fold}, {split} split, epoch {epoch}"
