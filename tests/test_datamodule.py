@@ -200,6 +200,32 @@ def test_workers_give_the_same_windows_as_one_process(roots) -> None:
     assert torch.equal(a, b)
 
 
+def test_val_tiles_max_validates_on_the_same_sample_holding_every_ich_tile(roots) -> None:
+    full = make(roots, val_tiles="all")
+    capped = make(roots, val_tiles="all", val_tiles_max=60)
+    every = {tuple(k) for k in _loader_keys(full.val_dataloader())}
+    first, again = (_loader_keys(capped.val_dataloader()) for _ in range(2))
+    assert len(every) > 60 and len(first) == 60 and first == again
+    assert set(first) <= every
+    positives = {k for k, has_ich in _loader_keys(full.val_dataloader(), ich=True) if has_ich}
+    assert positives and positives <= set(first)
+    # the test split is never capped: the stitched evaluation needs every tile
+    assert len(capped.eval_dataset("test")) == len(full.eval_dataset("test"))
+    with pytest.raises(ConfigError, match="val_tiles_max"):
+        make(roots, val_tiles_max=0)
+
+
+def _loader_keys(loader, ich: bool = False) -> list:
+    """``(patient, slice, tile)`` of every item of ``loader`` (with ``has ICH`` when ``ich``)."""
+    keys = []
+    for batch in loader:
+        columns = (batch[key].tolist() for key in ("patient", "slice", "tile"))
+        triples = list(zip(*columns, strict=True))
+        flags = (batch["mask"].flatten(1).amax(1) > 0).tolist()
+        keys += list(zip(triples, flags, strict=True)) if ich else triples
+    return keys
+
+
 def test_bad_options(roots) -> None:
     with pytest.raises(ConfigError, match="rotat"):
         CTICHDataModule(roots["nifti"], augmentation={"rotat": 3})

@@ -161,6 +161,28 @@ def test_validation_windows() -> None:
     assert len(validation_tiles(counts, "all")) == counts.size
 
 
+def test_a_validation_tile_limit_keeps_every_ich_tile_and_a_fixed_sample_of_the_rest() -> None:
+    counts, _ = _counts_and_patients()
+    n_positive = int((counts > 0).sum())
+    limit = n_positive + 20
+    assert counts.size > limit
+    chosen = validation_tiles(counts, "all", limit=limit, seed=3)
+    assert len(chosen) == limit
+    ids = flat_tile_ids(chosen, counts.shape[1])
+    assert np.all(np.diff(ids) > 0)  # slice-major, no tile twice
+    assert set(flat_tile_ids(positive_tiles(counts), counts.shape[1]).tolist()) <= set(ids.tolist())
+    assert int((counts[chosen[:, 0], chosen[:, 1]] == 0).sum()) == 20
+    # the same tiles for the same seed (every epoch), others for another seed
+    np.testing.assert_array_equal(chosen, validation_tiles(counts, "all", limit=limit, seed=3))
+    assert not np.array_equal(chosen, validation_tiles(counts, "all", limit=limit, seed=4))
+    # fewer ICH tiles than that: a sample of them; more room than tiles: all of them
+    few = validation_tiles(counts, "positive", limit=5, seed=0)
+    assert len(few) == 5 and np.all(counts[few[:, 0], few[:, 1]] > 0)
+    assert len(validation_tiles(counts, "all", limit=counts.size + 1)) == counts.size
+    with pytest.raises(ConfigError, match="validation tile limit must be positive"):
+        validation_tiles(counts, "all", limit=0)
+
+
 def test_flat_ids_round_trip() -> None:
     windows = all_tiles(4, 49)
     np.testing.assert_array_equal(tiles_from_ids(flat_tile_ids(windows, 49), 49), windows)

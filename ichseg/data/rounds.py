@@ -87,6 +87,7 @@ def check_options(
     val_tiles: str,
     train_slices: str,
     num_workers: int = 0,
+    val_tiles_max: int | None = None,
 ) -> None:
     """Raise :class:`ConfigError` for an invalid option of :class:`RoundData` (or the loaders)."""
     if mode not in ("windowed", "full_slice"):
@@ -101,6 +102,10 @@ def check_options(
         raise ConfigError(f"batches_per_epoch must be positive, got {batches_per_epoch}")
     if val_tiles not in ("positive", "all"):
         raise ConfigError(f"val_tiles must be 'positive' or 'all', not {val_tiles!r}")
+    if val_tiles_max is not None and (isinstance(val_tiles_max, bool) or int(val_tiles_max) < 1):
+        raise ConfigError(
+            f"val_tiles_max must be a positive number of tiles or null (all), got {val_tiles_max!r}"
+        )
     if train_slices not in ("ich", "all"):
         raise ConfigError(f"train_slices must be 'ich' or 'all', not {train_slices!r}")
     if batch_size < 1 or num_workers < 0:
@@ -145,10 +150,11 @@ class RoundData:
         augmentation: Mapping[str, Any] | bool | None = None,
         cache_dir: str | os.PathLike[str] | None = None,
         phantom: PhantomSpec | Mapping[str, Any] | None = None,
+        val_tiles_max: int | None = None,
     ) -> None:
         check_options(
             mode, sampling, context_slices, batch_size, foreground_fraction, batches_per_epoch,
-            val_tiles, train_slices,
+            val_tiles, train_slices, val_tiles_max=val_tiles_max,
         )  # fmt: skip
         if int(k) < 2 or not 0 <= int(fold) < int(k):
             raise ConfigError(
@@ -177,6 +183,7 @@ class RoundData:
         self.foreground_fraction = float(foreground_fraction)
         self.batches_per_epoch = None if batches_per_epoch is None else int(batches_per_epoch)
         self.val_tiles = val_tiles
+        self.val_tiles_max = None if val_tiles_max is None else int(val_tiles_max)
         self.train_slices = train_slices
         self.augmentation_options = augmentation
         self.cache_dir = None if cache_dir is None else Path(cache_dir)
@@ -424,12 +431,15 @@ class RoundData:
     ) -> TileDataset:
         """Tiles (or slices) of val / test patients, in slice-major order, without augmentation.
 
-        ``which``: ``"positive"`` or ``"all"`` (default: ``val_tiles`` for val, ``"all"`` for
-        test).
+        ``which``: ``"positive"`` or ``"all"`` (default: ``val_tiles`` for val, capped at
+        ``val_tiles_max`` by a fixed seeded sample, and ``"all"`` for test).
         """
-        which = which or (self.val_tiles if split == "val" else "all")
+        limit = None
+        if split == "val" and which is None:
+            which, limit = self.val_tiles, self.val_tiles_max
+        which = which or "all"
         rows, counts = self.rows(split), self.tile_counts(split)
-        tiles = validation_tiles(counts, which)
+        tiles = validation_tiles(counts, which, limit, self.seed)
         ids = rows[tiles[:, 0]] * len(self.grid) + tiles[:, 1]
         return TileDataset(
             self.store, self.grid, ids, None, whole_slices=self.is_full_slice,

@@ -397,14 +397,45 @@ def oversampled_tiles(
 
 
 def validation_tiles(
-    counts: np.ndarray, which: Literal["positive", "all"] = "positive"
+    counts: np.ndarray,
+    which: Literal["positive", "all"] = "positive",
+    limit: int | None = None,
+    seed: int = 0,
 ) -> np.ndarray:
-    """``(n, 2)`` validation tiles: the positive ones (the paper) or all of them."""
+    """``(n, 2)`` validation tiles: the positive ones (the paper) or all of them, slice-major.
+
+    ``limit``: at most that many, the same ones every epoch (:func:`limit_tiles`).
+    """
     if which == "positive":
-        return positive_tiles(counts)
-    if which == "all":
-        return all_tiles(counts.shape[0], counts.shape[1])
-    raise ConfigError(f"validation tiles must be 'positive' or 'all', not {which!r}")
+        tiles = positive_tiles(counts)
+    elif which == "all":
+        tiles = all_tiles(counts.shape[0], counts.shape[1])
+    else:
+        raise ConfigError(f"validation tiles must be 'positive' or 'all', not {which!r}")
+    return tiles if limit is None else limit_tiles(tiles, counts, limit, seed)
+
+
+def limit_tiles(tiles: np.ndarray, counts: np.ndarray, limit: int, seed: int = 0) -> np.ndarray:
+    """A fixed subsample of ``(n, 2)`` ``tiles``, at most ``limit``, slice-major.
+
+    Every ICH tile is kept (a seeded sample of ``limit`` of them if there are more) and the rest
+    of the budget is a seeded uniform sample of the ICH-free tiles, so that a validation pass on
+    it still scores the segmentation of every lesion and still pays for false positives, at a
+    fraction of the cost of all tiles. ``limit >= len(tiles)`` returns ``tiles`` unchanged.
+    """
+    limit = int(limit)
+    if limit < 1:
+        raise ConfigError(f"the validation tile limit must be positive, got {limit}")
+    if len(tiles) <= limit:
+        return tiles
+    rng = np.random.default_rng([int(seed), 0x7A11])
+    positive = counts[tiles[:, 0], tiles[:, 1]] > 0
+    pos, neg = np.flatnonzero(positive), np.flatnonzero(~positive)
+    if len(pos) >= limit:
+        chosen = rng.choice(pos, size=limit, replace=False)
+    else:
+        chosen = np.concatenate([pos, rng.choice(neg, size=limit - len(pos), replace=False)])
+    return tiles[np.sort(chosen)]
 
 
 def flat_tile_ids(tiles: np.ndarray, n_positions: int) -> np.ndarray:

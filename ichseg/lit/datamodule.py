@@ -62,6 +62,10 @@ class CTICHDataModule(RoundData, pl.LightningDataModule):
         cache_dir: where to cache the slice store (memory-mapped); None keeps it in memory.
         phantom: a :class:`~ichseg.data.phantom_spec.PhantomSpec` (or a mapping of its fields):
             generate that phantom into ``root`` in :meth:`prepare_data` when ``root`` is absent.
+        val_tiles_max: at most this many validation tiles: every ICH tile and a fixed sample
+            (seeded by ``seed``, the same every epoch) of the ICH-free ones
+            (:func:`ichseg.data.tiles.limit_tiles`); None: all of ``val_tiles``. A CPU budget
+            then goes into training rather than validation (experiment=windowed_plus_cpu).
         window, stride, undersampling, val_windows: earlier names of ``tile_size``,
             ``tile_stride``, ``sampling`` and ``val_tiles``, accepted for one release with a
             FutureWarning; when given (not None) they win over the new keys.
@@ -96,6 +100,7 @@ class CTICHDataModule(RoundData, pl.LightningDataModule):
         augmentation: Mapping[str, Any] | bool | None = None,
         cache_dir: str | os.PathLike[str] | None = None,
         phantom: PhantomSpec | Mapping[str, Any] | None = None,
+        val_tiles_max: int | None = None,
         *,
         window: int | None = None,
         stride: int | None = None,
@@ -110,13 +115,13 @@ class CTICHDataModule(RoundData, pl.LightningDataModule):
         hparams = {name: value for name, value in locals().items() if name in _HPARAMS}
         check_options(
             mode, sampling, context_slices, batch_size, foreground_fraction, batches_per_epoch,
-            val_tiles, train_slices, num_workers,
+            val_tiles, train_slices, num_workers, val_tiles_max,
         )  # fmt: skip
         RoundData.__init__(
             self, root, fold, k, seed, split_seed, splits_file, splits_dir, exclude, mode,
             tile_size, tile_stride, working_size, working_mode, channels, context_slices,
             batch_size, sampling, negative_ratio, foreground_fraction, batches_per_epoch,
-            val_tiles, train_slices, augmentation, cache_dir, phantom,
+            val_tiles, train_slices, augmentation, cache_dir, phantom, val_tiles_max,
         )  # fmt: skip
         self.num_workers = int(num_workers)
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
