@@ -54,6 +54,29 @@ def test_plus_experiments_compose_with_nine_input_channels(experiment, tmp_path)
         assert data["batch_size"] == 2 and model["net"]["norm"] == "instance"
 
 
+def test_the_cpu_recipe_is_windowed_plus_with_its_time_spent_on_training(tmp_path):
+    """experiment=windowed_plus_cpu changes only width, validation sample, epoch length, memory
+    format, workers and the budget; the recipe itself is windowed_plus's."""
+
+    def composed(experiment: str) -> dict:
+        cfg = compose_train([f"experiment={experiment}"], tmp_path / experiment)
+        return OmegaConf.to_container(cfg, resolve=True)
+
+    plus, cpu = composed("windowed_plus"), composed("windowed_plus_cpu")
+    changed = {"num_workers", "batches_per_epoch", "val_tiles_max", "splits_dir"}
+    assert {k: v for k, v in cpu["data"].items() if k not in changed} == {
+        k: v for k, v in plus["data"].items() if k not in changed
+    }
+    assert cpu["data"]["val_tiles"] == "all" and cpu["data"]["val_tiles_max"] == 2048
+    assert cpu["data"]["num_workers"] == 0 and cpu["data"]["batches_per_epoch"] == 100
+    assert cpu["model"]["net"]["base_filters"] == 16 and cpu["model"]["channels_last"] is True
+    for key in ("loss", "optimizer", "head"):
+        assert cpu["model"].get(key) == plus["model"].get(key)
+    assert cpu["model"]["scheduler"]["T_max"] == cpu["trainer"]["max_epochs"] == 8
+    assert cpu["trainer"]["accelerator"] == "cpu" and cpu["trainer"]["max_time"] == "00:00:25:00"
+    assert cpu["callbacks"]["stitched_eval"] == plus["callbacks"]["stitched_eval"]
+
+
 def test_the_paper_experiment_keeps_the_paper_head_and_loss(tmp_path):
     cfg = OmegaConf.to_container(
         compose_train(["experiment=windowed"], tmp_path / "run"), resolve=True
