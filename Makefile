@@ -42,7 +42,7 @@ test-all: install
 # The demo: a phantom CT-ICH release (NIfTI layout), its check, then one CV round of the windowed
 # pipeline with CPU settings (conf/experiment/demo.yaml). Outputs under $(DEMO_DIR)/.
 demo: install
-	$(PY) -m ichseg.data.phantom $(DEMO_DIR)/phantom --release nifti --patients 20 --slices 12 --size 256 --seed 0 --overwrite --no-progress
+	$(PY) -m ichseg.data.phantom $(DEMO_DIR)/phantom --release nifti --patients 40 --slices 10 --size 256 --seed 0 --overwrite --no-progress
 	$(PY) -m ichseg.data.check $(DEMO_DIR)/phantom --no-progress
 	$(PY) -m ichseg.train experiment=demo data.root=$(DEMO_DIR)/phantom paths.log_dir=$(DEMO_DIR)
 

@@ -24,6 +24,7 @@ RESUMABLE = [
     "experiment=demo",
     *[o for o in TINY if not o.startswith("trainer.max_epochs")],
     "model.net.dropout=0.5",
+    f"model.scheduler.T_max={EPOCHS}",  # one cosine schedule, however many epochs a call runs
     "logger=csv",
     "test=false",
     "data.phantom.patients=6",
