@@ -102,7 +102,11 @@ def check_options(
         raise ConfigError(f"batches_per_epoch must be positive, got {batches_per_epoch}")
     if val_tiles not in ("positive", "all"):
         raise ConfigError(f"val_tiles must be 'positive' or 'all', not {val_tiles!r}")
-    if val_tiles_max is not None and (isinstance(val_tiles_max, bool) or int(val_tiles_max) < 1):
+    if val_tiles_max is not None and (
+        isinstance(val_tiles_max, bool)
+        or not isinstance(val_tiles_max, (int, np.integer))
+        or val_tiles_max < 1
+    ):
         raise ConfigError(
             f"val_tiles_max must be a positive number of tiles or null (all), got {val_tiles_max!r}"
         )

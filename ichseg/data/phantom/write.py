@@ -262,9 +262,8 @@ def _foreign_entry(out: Path) -> Path | None:
     """The first entry under ``out`` (in name order) that a phantom does not write, or None.
 
     A phantom writes only the label and demographics CSVs, its marker (``ichseg_phantom.json``),
-    ``ct_scans/NNN.nii``,
-    ``masks/NNN.nii`` and ``Patients_CT/NNN/{brain,bone}/K[_HGE_Seg].jpg``; anything else
-    (another name, a link, a folder where a file belongs) is someone else's.
+    ``ct_scans/NNN.nii``, ``masks/NNN.nii`` and ``Patients_CT/NNN/{brain,bone}/K[_HGE_Seg].jpg``;
+    anything else (another name, a link, a folder where a file belongs) is someone else's.
     """
 
     def entries(folder: Path) -> list[Path]:
