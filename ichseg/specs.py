@@ -70,6 +70,10 @@ class InputSpec:
         channels: CT windows stacked as channels (names such as ``"brain"`` or
             ``(level, width)`` pairs, :func:`ichseg.data.windowing.get_window`).
         context_slices: 2.5D input: ``k`` neighbouring slices on each side as more channels.
+        orientation: the array orientation of the training scans (codes such as
+            ``("L", "A", "S")``, :mod:`ichseg.io.orientation`): prediction brings a scan to it
+            before the network sees it. None: not recorded (the JPG release; checkpoints of
+            earlier versions), taken to be CT-ICH's ``("L", "A", "S")``.
     """
 
     mode: str = "windowed"
@@ -79,10 +83,12 @@ class InputSpec:
     working_mode: str = "resize"
     channels: tuple[Any, ...] = ("brain",)
     context_slices: int = 0
+    orientation: tuple[str, str, str] | None = None
 
     def __post_init__(self) -> None:
         from ichseg.data.tiles import check_context_slices
         from ichseg.data.windowing import get_window
+        from ichseg.io.orientation import check_codes
 
         owner = "input spec"
         _choice(owner, "mode", self.mode, DATA_MODES)
@@ -103,6 +109,14 @@ class InputSpec:
             check_context_slices(self.context_slices)
         except ConfigError as error:
             raise ConfigError(f"{owner}.{error}") from None
+        if self.orientation is not None:
+            codes = self.orientation
+            if isinstance(codes, str) or not isinstance(codes, Sequence):
+                raise ConfigError(f"{owner}.orientation must be three axis codes, got {codes!r}")
+            try:
+                object.__setattr__(self, "orientation", check_codes(codes, f"{owner}.orientation"))
+            except ValueError as error:
+                raise ConfigError(str(error)) from None
         if self.mode == "windowed" and self.tile_size > self.working_size:
             raise ConfigError(
                 f"{owner}: the tile ({self.tile_size}) is larger than the working size "
@@ -140,6 +154,7 @@ class InputSpec:
         """Plain data (lists, not tuples), as checkpoints store it."""
         data = asdict(self)
         data["channels"] = [list(c) if isinstance(c, tuple) else c for c in self.channels]
+        data["orientation"] = None if self.orientation is None else list(self.orientation)
         return data
 
     @classmethod

@@ -144,8 +144,8 @@ def test_predict_fails_a_scan_without_voxel_sizes_and_predicts_the_others(
     err = capsys.readouterr().err
     assert "Traceback" not in err and "1 of 2 scan(s) failed" in err
     assert f"{bad}: the header's voxel sizes (pixdim 1-3) are 0 x 0 x 0" in err
-    assert files_in(output) == ["049_ich.nii.gz", "volumes.csv"]
-    assert [row["mask"] for row in read_rows(output / "volumes.csv")] == ["049_ich.nii.gz"]
+    assert files_in(output) == ["049_ich_seg.nii.gz", "predict.json", "volumes.csv"]
+    assert [row["mask"] for row in read_rows(output / "volumes.csv")] == ["049_ich_seg.nii.gz"]
 
 
 def test_predict_one_scan_without_voxel_sizes_fails_before_the_model_loads(
@@ -180,7 +180,9 @@ def test_unreadable_headers_fail_per_file_all_listed(phantom, checkpoint, tmp_pa
     err = capsys.readouterr().err
     assert "Traceback" not in err and "2 of 4 scan(s) failed" in err
     assert str(folder / "a_garbage.nii") in err and str(folder / "b_empty.nii.gz") in err
-    assert files_in(output) == ["049_ich.nii.gz", "050_ich.nii.gz", "volumes.csv"]
+    assert files_in(output) == [
+        "049_ich_seg.nii.gz", "050_ich_seg.nii.gz", "predict.json", "volumes.csv"
+    ]  # fmt: skip
 
 
 def test_no_readable_scan_fails_before_the_model_loads(tmp_path, capsys):
@@ -208,7 +210,7 @@ def test_rerun_keeps_the_rows_of_earlier_scans(phantom, checkpoint, tmp_path):
     assert predict_main([*base, f"input={first}"]) == 0
     assert predict_main([*base, f"input={second}"]) == 0
     rows = read_rows(output / "volumes.csv")
-    assert [row["mask"] for row in rows] == ["049_ich.nii.gz", "050_ich.nii.gz"]
+    assert [row["mask"] for row in rows] == ["049_ich_seg.nii.gz", "050_ich_seg.nii.gz"]
     before = {row["mask"]: row for row in rows}
     folder = tmp_path / "again"
     folder.mkdir()
@@ -216,9 +218,11 @@ def test_rerun_keeps_the_rows_of_earlier_scans(phantom, checkpoint, tmp_path):
     shutil.copy(first, folder / first.name)
     assert predict_main([*base, f"input={folder}"]) == 0
     rows = read_rows(output / "volumes.csv")
-    assert [row["mask"] for row in rows] == ["049_ich.nii.gz", "050_ich.nii.gz", "051_ich.nii.gz"]
+    assert [row["mask"] for row in rows] == [
+        "049_ich_seg.nii.gz", "050_ich_seg.nii.gz", "051_ich_seg.nii.gz"
+    ]  # fmt: skip
     assert rows[0]["file"] == str(folder / first.name)  # replaced by the new prediction
-    assert rows[1] == before["050_ich.nii.gz"]  # kept as it was
+    assert rows[1] == before["050_ich_seg.nii.gz"]  # kept as it was
     assert leftovers(output) == []
 
 
@@ -240,7 +244,7 @@ def test_a_users_file_named_like_a_mask_is_not_replaced(phantom, checkpoint, tmp
     first, second = scans_of(phantom)[:2]
     output = tmp_path / "out"
     output.mkdir()
-    mine = output / "049_ich.nii.gz"
+    mine = output / "049_ich_seg.nii.gz"
     nib.save(nib.Nifti1Image(np.ones((4, 4, 4), np.uint8), np.eye(4)), mine)
     mine_bytes = mine.read_bytes()
     folder = tmp_path / "scans"
@@ -254,7 +258,9 @@ def test_a_users_file_named_like_a_mask_is_not_replaced(phantom, checkpoint, tmp
     err = capsys.readouterr().err
     assert f"{mine}: exists and was not written by ichseg.predict" in err
     assert mine.read_bytes() == mine_bytes
-    assert files_in(output) == ["049_ich.nii.gz", "050_ich.nii.gz", "volumes.csv"]
+    assert files_in(output) == [
+        "049_ich_seg.nii.gz", "050_ich_seg.nii.gz", "predict.json", "volumes.csv"
+    ]  # fmt: skip
     # its own earlier prediction is replaced without a word
     mine.unlink()
     assert predict_main(args) == 0
@@ -276,7 +282,7 @@ def test_predicted_masks_and_volumes_honour_the_umask(phantom, checkpoint, tmp_p
     with umask(0o002):
         args = [f"ckpt={checkpoint}", f"input={scans_of(phantom)[0]}", f"output={output}"]
         assert predict_main([*args, "progress=false"]) == 0
-    for name in ("049_ich.nii.gz", "volumes.csv"):
+    for name in ("049_ich_seg.nii.gz", "volumes.csv"):
         assert stat.S_IMODE((output / name).stat().st_mode) == 0o664, name
 
 

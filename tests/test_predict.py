@@ -128,9 +128,9 @@ def test_cli_writes_masks_in_the_input_space(phantom, checkpoint, tmp_path):
     assert main([*args, "save_probabilities=true", "progress=false"]) == 0
     scans = scan_paths(phantom)
     expected = sorted(
-        [f"{s.name.split('.')[0]}_ich.nii.gz" for s in scans]
+        [f"{s.name.split('.')[0]}_ich_seg.nii.gz" for s in scans]
         + [f"{s.name.split('.')[0]}_prob.nii.gz" for s in scans]
-        + ["volumes.csv"]
+        + ["predict.json", "volumes.csv"]
     )
     assert files_in(output) == expected
     rows = read_rows(output / "volumes.csv")
@@ -147,7 +147,7 @@ def test_cli_writes_masks_in_the_input_space(phantom, checkpoint, tmp_path):
             assert mask_image.header[code] == source.header[code]
         assert mask_image.header.get_zooms() == source.header.get_zooms()
         assert mask_image.header.get_slope_inter() in ((None, None), (1.0, 0.0))
-        stem = row["mask"].removesuffix("_ich.nii.gz")
+        stem = row["mask"].removesuffix("_ich_seg.nii.gz")
         probabilities = np.asanyarray(nib.load(output / f"{stem}_prob.nii.gz").dataobj)
         assert probabilities.dtype == np.float32 and probabilities.shape == source.shape
         assert 0.0 <= probabilities.min() and probabilities.max() <= 1.0
@@ -300,7 +300,7 @@ def test_find_inputs(phantom, tmp_path):
     assert [s.name for s in release] == [f"{p.patient_id:03d}" for p in phantom.patients]
     folder = tmp_path / "scans"
     folder.mkdir()
-    for name in ("b.nii.gz", "a.nii", "a_ich.nii.gz", "a_prob.nii.gz", "notes.txt"):
+    for name in ("b.nii.gz", "a.nii", "a_ich_seg.nii.gz", "a_prob.nii.gz", "notes.txt"):
         (folder / name).write_bytes(b"")
     assert [s.name for s in find_inputs(folder)] == ["a", "b"]
     (folder / "a.nii.gz").write_bytes(b"")
@@ -558,8 +558,8 @@ def test_one_bad_scan_among_good_ones(phantom, checkpoint, tmp_path, capsys):
     assert exit_info.value.code == 2
     assert "NaN" in capsys.readouterr().err
     stem = good.name.split(".")[0]
-    assert files_in(output) == [f"{stem}_ich.nii.gz", "volumes.csv"]
-    assert [row["mask"] for row in read_rows(output / "volumes.csv")] == [f"{stem}_ich.nii.gz"]
+    assert files_in(output) == [f"{stem}_ich_seg.nii.gz", "predict.json", "volumes.csv"]
+    assert [row["mask"] for row in read_rows(output / "volumes.csv")] == [f"{stem}_ich_seg.nii.gz"]
 
 
 def test_failed_write_leaves_nothing(phantom, checkpoint, tmp_path, monkeypatch):

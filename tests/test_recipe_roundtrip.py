@@ -101,8 +101,8 @@ def test_predict_writes_the_masks_the_evaluation_scored(experiment, tmp_path, ca
     assert sorted(report_ml) == sorted(test_patients)
     any_voxel = False
     for patient in test_patients:
-        evaluated = np.asanyarray(nib.load(run / "masks" / f"{patient:03d}_ich.nii.gz").dataobj)
-        written = np.asanyarray(nib.load(output / f"{patient:03d}_ich.nii.gz").dataobj)
+        evaluated = np.asanyarray(nib.load(run / "masks" / f"{patient:03d}_ich_seg.nii.gz").dataobj)
+        written = np.asanyarray(nib.load(output / f"{patient:03d}_ich_seg.nii.gz").dataobj)
         assert written.shape == evaluated.shape
         np.testing.assert_array_equal(written, evaluated, err_msg=f"patient {patient}")
         assert predicted_ml[f"{patient:03d}.nii"] == pytest.approx(report_ml[patient], abs=1e-6)

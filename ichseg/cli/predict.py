@@ -5,6 +5,7 @@
     python -m ichseg.predict ckpt=best.ckpt input=scan.nii.gz output=predictions/
     ichseg-predict ckpt=best.ckpt input=/data/ct-ich output=predictions/ save_probabilities=true
     python -m ichseg.predict ckpt=best.ckpt input=scans/ output=out/ inference.threshold=0.6
+    python -m ichseg.predict ckpt=outputs/train/multiruns/<time>/ input=scans/ output=out/
 
 The command line is composed by Hydra from ``conf/predict.yaml`` (schema :class:`PredictConfig`),
 with the same override grammar as training; every user-facing problem is one sentence and exit
@@ -24,16 +25,21 @@ from typing import Any, Optional
 from ichseg.checkpoint import load_model
 from ichseg.errors import ConfigError, IchsegError
 from ichseg.inference.scans import (
+    PROVENANCE_FILE,
     VOLUMES_FILE,
+    OutputOptions,
     PredictionFailures,
     ScanResult,
     check_output,
+    check_provenance,
     find_inputs,
-    load_predictor,
+    load_ensemble,
     operating_point_line,
     predict_files,
     prepare_output,
     read_volumes,
+    resolve_checkpoints,
+    write_provenance,
 )
 from ichseg.io.nifti import read_ct
 from ichseg.specs import InferenceSpec
@@ -59,21 +65,26 @@ InferenceOverrides = _inference_overrides()
 class PredictConfig:
     """The schema of ``conf/predict.yaml``: a wrong type or an unknown key fails at compose time."""
 
-    ckpt: str = "???"
+    ckpt: Any = "???"
     input: str = "???"
     output: str = "???"
     device: str = "auto"
     save_probabilities: bool = False
+    save_uncertainty: bool = True
+    flip: bool = False
     progress: bool = True
     inference: Any = field(default_factory=InferenceOverrides)
 
 
 OPTION_HELP: dict[str, str] = {
-    "ckpt": "checkpoint written by ichseg.train (required)",
+    "ckpt": "checkpoint written by ichseg.train, a list [a.ckpt,b.ckpt] or a folder of training "
+    "runs (e.g. the multirun of the 5 CV rounds): several are averaged as one ensemble (required)",
     "input": "a .nii/.nii.gz scan, a folder of them, or a CT-ICH NIfTI release root (required)",
-    "output": "folder for <name>_ich.nii.gz, <name>_prob.nii.gz and volumes.csv (required)",
+    "output": "folder for <name>_ich_seg.nii.gz, volumes.csv and predict.json (required)",
     "device": "auto (CUDA when available), cpu or cuda (default auto)",
     "save_probabilities": "also write <name>_prob.nii.gz, float32 (default false)",
+    "save_uncertainty": "with several models, <name>_uncertainty.nii.gz (default true)",
+    "flip": "also average each model over the left-right flipped scan (default false)",
     "progress": "progress bars on a terminal (default true)",
     "inference.threshold": "probability threshold (default: the checkpoint's operating point)",
     "inference.postprocess": "closing then opening after the threshold (default: the checkpoint's)",
@@ -142,6 +153,11 @@ def compose_predict_config(arguments: Sequence[str]) -> Any:
     for name in ("ckpt", "input", "output"):
         if not str(cfg[name]).strip():
             raise ConfigError(f"option {name} needs a path")
+    ckpt = cfg.ckpt
+    if not isinstance(ckpt, str) and not (
+        OmegaConf.is_list(ckpt) and all(isinstance(item, str) and item.strip() for item in ckpt)
+    ):
+        raise ConfigError("option ckpt must be a path or a list of paths ([a.ckpt,b.ckpt])")
     return cfg
 
 
@@ -161,12 +177,23 @@ def run(cfg: Any) -> list[ScanResult]:
         raise unreadable[0] if len(unreadable) == 1 else PredictionFailures([], unreadable)
     output = check_output(Path(str(cfg.output)).expanduser())
     read_volumes(output / VOLUMES_FILE)  # an unreadable or foreign volumes.csv: before the model
-    model = load_model(Path(str(cfg.ckpt)).expanduser())
+    check_provenance(output)  # and a predict.json of someone else's
+    ckpt = cfg.ckpt if isinstance(cfg.ckpt, str) else list(cfg.ckpt)
+    models = [load_model(path) for path in resolve_checkpoints(ckpt)]
     given = OmegaConf.to_container(cfg.inference, resolve=True)
-    predictor = load_predictor(model, cfg.device, **given)
+    assert isinstance(given, dict)
+    predictor = load_ensemble(models, cfg.device, bool(cfg.flip), **given)
     created = not output.exists()  # the folder is made only once the model and options are good
     output = prepare_output(output)
-    print(operating_point_line(model, predictor, given), flush=True)
+    point = operating_point_line(models, predictor, given)
+    print(point, flush=True)
+    if predictor.input_spec.orientation is None:
+        print(
+            "orientation: the checkpoint does not record its training scans' orientation; "
+            "CT-ICH's L,A,S is assumed",
+            flush=True,
+        )
+    options = OutputOptions(bool(cfg.save_probabilities), bool(cfg.save_uncertainty))
 
     def report(result: ScanResult) -> None:
         stats = result.stats
@@ -175,19 +202,32 @@ def run(cfg: Any) -> list[ScanResult]:
             f"{stats.slices} slices (largest component {stats.largest_component_ml:.2f} mL), "
             f"{result.seconds:.1f} s -> {result.mask_path}"
         )
+        interval = result.interval_ml
+        if interval is not None:
+            line += f" [models {interval[0]:.2f}-{interval[1]:.2f} mL]"
+        if result.reoriented:
+            line += f" (scan oriented {','.join(result.orientation)}: reoriented for the model)"
         tqdm.write(line, file=sys.stdout)  # above the progress bars, which stay intact
         sys.stdout.flush()
 
+    settings = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(settings, dict)
     try:
         results = predict_files(
-            predictor, scans, output, bool(cfg.save_probabilities), bool(cfg.progress),
-            on_result=report,
+            predictor, scans, output, progress=bool(cfg.progress), on_result=report,
+            options=options,
         )  # fmt: skip
+    except PredictionFailures as failed:
+        write_provenance(
+            output, models, predictor, settings, point, failed.results, failed.failures
+        )
+        raise
     except BaseException:
         if created and not any(output.iterdir()):  # no scan succeeded: leave no empty folder
             output.rmdir()
         raise
-    print(f"volumes: {output / VOLUMES_FILE}", flush=True)
+    write_provenance(output, models, predictor, settings, point, results)
+    print(f"volumes: {output / VOLUMES_FILE}; provenance: {output / PROVENANCE_FILE}", flush=True)
     return results
 
 

@@ -294,12 +294,16 @@ def check_input_spec(ckpt: str | os.PathLike[str], input_spec: Any) -> None:
     from dataclasses import fields
 
     from ichseg.checkpoint import read_checkpoint, specs_from_meta
+    from ichseg.io.orientation import CTICH_ORIENTATION
 
     meta, _ = read_checkpoint(ckpt)
     stored, _ = specs_from_meta(meta, str(ckpt))
-    differ = [
-        f.name for f in fields(stored) if getattr(stored, f.name) != getattr(input_spec, f.name)
-    ]
+
+    def value(spec: Any, name: str) -> Any:  # an unrecorded orientation is CT-ICH's
+        found = getattr(spec, name)
+        return (found or CTICH_ORIENTATION) if name == "orientation" else found
+
+    differ = [f.name for f in fields(stored) if value(stored, f.name) != value(input_spec, f.name)]
     if differ:
         name = differ[0]
         raise ConfigError(

@@ -205,6 +205,23 @@ class CTICHDataset:
             table[row, 1:] = subtypes
         return table
 
+    def orientation(self) -> tuple[str, str, str] | None:
+        """The array orientation (axis codes, :mod:`ichseg.io.orientation`) most of the scans'
+        headers give; None for the JPG release, which has no header. Only headers are read."""
+        if self.release != "nifti":
+            return None
+        if not hasattr(self, "_orientation"):
+            from ichseg.io.orientation import axcodes, most_common
+
+            codes = []
+            for patient in self.patient_ids:
+                try:
+                    codes.append(axcodes(load_image(self._files[patient].image).affine))
+                except (DatasetError, ValueError):
+                    continue  # the scan's own reader names the problem when it is loaded
+            self._orientation = most_common(codes)
+        return self._orientation
+
     def load(self, patient_id: int) -> Scan:
         """Decode one patient's scan; raises :class:`DatasetError` naming the file on a problem."""
         try:

@@ -50,6 +50,7 @@ from ichseg.data.tiles import (
     validation_tiles,
 )
 from ichseg.errors import ConfigError, DatasetError
+from ichseg.io.orientation import CTICH_ORIENTATION
 from ichseg.specs import InputSpec
 
 Mode = Literal["windowed", "full_slice"]
@@ -239,8 +240,9 @@ class RoundData:
             release = self.phantom.release
             check_channels(self.channels, release)
             working_mode = working_mode_for(release, self.working_mode_option)
+            orientation = CTICH_ORIENTATION if release == "nifti" else None  # the phantom's
         else:
-            self._open_dataset()
+            orientation = self._open_dataset().orientation()
             working_mode = self.working_mode or "resize"
         return InputSpec(
             mode=self.mode,
@@ -250,6 +252,7 @@ class RoundData:
             working_mode=working_mode,
             channels=self.channels,
             context_slices=self.context_slices,
+            orientation=orientation,
         )
 
     def prepare(self) -> None:

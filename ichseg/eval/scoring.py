@@ -178,9 +178,10 @@ def _count_scan(
 
 
 def mask_file(directory: Path, patient: int) -> Path:
-    """Where ``save_masks`` writes a patient's evaluated mask: ``<directory>/<patient>_ich.nii.gz``
-    (three digits, as CT-ICH names its scans, so that it sits beside ``ichseg.predict``'s)."""
-    return Path(directory) / f"{int(patient):03d}_ich.nii.gz"
+    """Where ``save_masks`` writes a patient's evaluated mask:
+    ``<directory>/<patient>_ich_seg.nii.gz`` (three digits, as CT-ICH names its scans, so that
+    it sits beside ``ichseg.predict``'s)."""
+    return Path(directory) / f"{int(patient):03d}_ich_seg.nii.gz"
 
 
 def save_scan_mask(scan: Any, mask: np.ndarray, directory: Path) -> Path:

@@ -1,9 +1,11 @@
 """Apply a trained checkpoint to CT files: find the scans, predict each, write masks and volumes.
 
 The library half of ``python -m ichseg.predict`` (its command line is :mod:`ichseg.cli.predict`):
-:func:`load_predictor` rebuilds the evaluated predictor from a checkpoint, :func:`predict_files`
-writes ``<name>_ich.nii.gz`` (and ``<name>_prob.nii.gz``) and ``volumes.csv`` atomically, one scan
-after another. See docs/predict.md.
+:func:`load_predictor` rebuilds the evaluated predictor from a checkpoint (:func:`load_ensemble`
+several of them as one :class:`~ichseg.inference.ensemble.Ensemble`), :func:`predict_files` writes
+``<name>_ich_seg.nii.gz`` (and the optional files of :class:`OutputOptions`) and ``volumes.csv``
+atomically, one scan after another; each scan is brought to the model's orientation first
+(:mod:`ichseg.io.orientation`) and its outputs written in its own space. See docs/predict.md.
 """
 
 from __future__ import annotations
@@ -25,13 +27,30 @@ from scipy import ndimage
 from ichseg.checkpoint import TrainedModel, load_model
 from ichseg.data.ctich import find_release
 from ichseg.errors import ConfigError, DatasetError, IchsegError, first_line
+from ichseg.inference.ensemble import Ensemble
 from ichseg.inference.predictor import Predictor
 from ichseg.io.nifti import nifti_stem, read_ct, save_like, spacing_volume_ml, voxel_spacing_mm
+from ichseg.io.orientation import CTICH_ORIENTATION, Reorientation, reorientation
 from ichseg.utils.atomic import atomic_write_text
 
-MASK_SUFFIX = "_ich"
+#: ``<name>_ich_seg.nii.gz``: 3D Slicer loads a file named with ``_seg`` as a label map.
+MASK_SUFFIX = "_ich_seg"
 PROBABILITY_SUFFIX = "_prob"
+UNCERTAINTY_SUFFIX = "_uncertainty"
+#: Name endings of files predictions write (this version's and earlier ones' ``_ich``): skipped
+#: when such files are found in an input folder.
+OUTPUT_SUFFIXES: tuple[str, ...] = ("_ich", MASK_SUFFIX, PROBABILITY_SUFFIX, UNCERTAINTY_SUFFIX)
 VOLUMES_FILE = "volumes.csv"
+#: The provenance of a prediction run (:func:`write_provenance`).
+PROVENANCE_FILE = "predict.json"
+PROVENANCE_FORMAT = "ichseg-predict"
+#: The checkpoint of a training run folder that ``ckpt=<folder>`` takes: its tested (best) one.
+BEST_PATTERN = "best*.ckpt"
+#: The columns of ``volumes.csv`` written by earlier versions (still read and extended).
+LEGACY_VOLUME_COLUMNS: tuple[str, ...] = (
+    "file", "mask", "slices", "ich_slices", "ich_voxels", "voxel_volume_ml", "ich_volume_ml",
+    "largest_component_ml", "seconds",
+)  # fmt: skip
 VOLUME_COLUMNS: tuple[str, ...] = (
     "file",
     "mask",
@@ -41,6 +60,11 @@ VOLUME_COLUMNS: tuple[str, ...] = (
     "voxel_volume_ml",
     "ich_volume_ml",
     "largest_component_ml",
+    "components",
+    "members",
+    "member_min_ml",
+    "member_max_ml",
+    "orientation",
     "seconds",
 )
 
@@ -77,10 +101,30 @@ def load_predictor(
     return Predictor(model.net.to(run_device), model.input_spec, spec, run_device)
 
 
+def load_ensemble(
+    models: Sequence[TrainedModel],
+    device: str | torch.device = "auto",
+    flip: bool = False,
+    **inference: Any,
+) -> Ensemble:
+    """The models as one :class:`~ichseg.inference.ensemble.Ensemble` on ``device``, each with
+    ``inference`` overrides of its stored spec; the ensemble's operating point is the overrides'
+    where given, else combined from the members' (median threshold, majority post-processing).
+
+    Raises :class:`~ichseg.errors.ConfigError` naming a member whose specs differ.
+    """
+    members = [load_predictor(model, device, **inference) for model in models]
+    names = [str(model.path) for model in models]
+    return Ensemble(members, flip=flip, names=names)
+
+
 def operating_point_line(
-    model: TrainedModel, predictor: Predictor, given: Mapping[str, Any]
+    model: TrainedModel | Sequence[TrainedModel],
+    predictor: Predictor | Ensemble,
+    given: Mapping[str, Any],
 ) -> str:
     """One line: the threshold and post-processing applied, and where they came from."""
+    models = [model] if isinstance(model, TrainedModel) else list(model)
     spec = predictor.inference_spec
     post = (
         f"closing {spec.closing_size} / opening {spec.opening_size} at {spec.reference_size}"
@@ -88,15 +132,26 @@ def operating_point_line(
         else "no closing / opening"
     )
     chosen = {k for k in ("threshold", "postprocess") if given.get(k) is not None}
-    point = model.operating_point
+    point = models[0].operating_point
     if chosen == {"threshold", "postprocess"}:
         source = "from the command line"
+    elif len(models) > 1:
+        thresholds = ", ".join(f"{m.inference_spec.threshold:g}" for m in models)
+        source = (
+            f"ensemble of {len(models)} models: median of their thresholds ({thresholds}), "
+            f"post-processing as {sum(m.inference_spec.postprocess for m in models)} of them"
+        )
+        if chosen:
+            source += f"; {' and '.join(sorted(chosen))} from the command line"
     else:
+        model = models[0]
         source = f"stored in {model.path.name}: {point.get('source', 'configured')}"
         if point.get("val_dice") is not None:
             source += f", validation Dice {point['val_dice']:.3f}"
         if chosen:
             source += f"; {' and '.join(sorted(chosen))} from the command line"
+    if isinstance(predictor, Ensemble) and predictor.flip:
+        source += "; left-right flip averaged"
     return f"operating point: threshold {spec.threshold:g}, {post} ({source})"
 
 
@@ -124,6 +179,175 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return resolved
 
 
+def resolve_checkpoints(ckpt: str | os.PathLike[str] | Sequence[Any]) -> list[Path]:
+    """The checkpoint files ``ckpt`` names: a file, a list of files, or a folder of training runs
+    (a multirun folder of CV rounds, or one run folder), of which each run's tested checkpoint:
+    the one its report names (``settings.operating_point_file``), else its only ``best*.ckpt``.
+
+    Raises :class:`~ichseg.errors.ConfigError` (one line naming the path) when a file is missing
+    or a folder holds no run, or a run several best checkpoints and no report naming one.
+    """
+    if isinstance(ckpt, (str, os.PathLike)):
+        items: list[Any] = [ckpt]
+    else:
+        items = list(ckpt)
+    if not items:
+        raise ConfigError("ckpt names no checkpoint")
+    found: list[Path] = []
+    for item in items:
+        path = Path(str(item)).expanduser()
+        if path.is_dir():
+            found += _run_checkpoints(path)
+        elif path.is_file():
+            found.append(path)
+        else:
+            raise ConfigError(f"{path}: checkpoint not found")
+    resolved = [p.resolve() for p in found]
+    for i, path in enumerate(resolved):
+        if path in resolved[:i]:
+            raise ConfigError(f"{path}: named twice in ckpt")
+    return found
+
+
+def _run_checkpoints(folder: Path) -> list[Path]:
+    """Each training run's tested checkpoint under ``folder`` (natural order of run folders)."""
+    import json
+    import re
+
+    def natural(path: Path) -> list[Any]:
+        return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(path))]
+
+    runs = sorted(
+        {p.parent.parent for p in folder.rglob(f"checkpoints/{BEST_PATTERN}")}, key=natural
+    )
+    if not runs:
+        raise ConfigError(
+            f"{folder}: no training run with a checkpoints/{BEST_PATTERN} in this folder; name "
+            "the checkpoint files (ckpt=[a.ckpt,b.ckpt])"
+        )
+    chosen = []
+    for run in runs:
+        named = None
+        for report in sorted(run.rglob("report.json")):
+            try:
+                settings = json.loads(report.read_text(encoding="utf-8")).get("settings", {})
+                named = Path(settings["operating_point_file"])
+            except (OSError, ValueError, AttributeError, KeyError, TypeError):
+                continue
+            if named.is_file():
+                break
+            named = None
+        best = sorted((run / "checkpoints").glob(BEST_PATTERN))
+        if named is None and len(best) > 1:
+            raise ConfigError(
+                f"{run}: {len(best)} best checkpoints and no report naming the tested one; name "
+                "the files (ckpt=[...])"
+            )
+        chosen.append(named or best[0])
+    return chosen
+
+
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file, in hex."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_provenance(output: Path) -> None:
+    """Refuse an output folder whose ``predict.json`` was not written by ichseg.predict."""
+    import json
+
+    target = output / PROVENANCE_FILE
+    if not target.exists():
+        return
+    try:
+        ours = json.loads(target.read_text(encoding="utf-8")).get("format") == PROVENANCE_FORMAT
+    except (OSError, ValueError, AttributeError):
+        ours = False
+    if not ours:
+        raise ConfigError(
+            f"{target}: exists and was not written by ichseg.predict, so it is not replaced; "
+            "move it or choose another output folder"
+        )
+
+
+def write_provenance(
+    output: Path,
+    models: Sequence[TrainedModel],
+    predictor: Predictor | Ensemble,
+    options: Mapping[str, Any],
+    operating_point: str,
+    results: Sequence[ScanResult],
+    failures: Sequence[IchsegError] = (),
+) -> Path:
+    """Write ``predict.json`` atomically: what made the masks of this run (checkpoint files and
+    their SHA-256, every option, the operating point and where it came from, the versions) and
+    what was written for each scan."""
+    import datetime
+    import platform
+
+    from ichseg import __version__
+    from ichseg.eval.report import dumps_json
+
+    ensemble = predictor if isinstance(predictor, Ensemble) else Ensemble([predictor])
+    document = {
+        "format": PROVENANCE_FORMAT,
+        "version": 1,
+        "ichseg_version": __version__,
+        "torch_version": torch.__version__,
+        "python_version": platform.python_version(),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": str(ensemble.device),
+        "options": dict(options),
+        "checkpoints": [
+            {
+                "path": str(model.path.resolve()),
+                "sha256": file_sha256(model.path),
+                "ichseg_version": model.meta.get("ichseg_version"),
+                "operating_point": model.operating_point,
+                "input": model.input_spec.to_dict(),
+                "inference": model.inference_spec.to_dict(),
+                "train_overrides": model.meta.get("train_overrides", []),
+            }
+            for model in models
+        ],
+        "ensemble": {
+            "members": len(ensemble.members),
+            "flip": ensemble.flip,
+            "input": ensemble.input_spec.to_dict(),
+            "orientation": list(ensemble.input_spec.orientation or CTICH_ORIENTATION),
+        },
+        "inference": ensemble.inference_spec.to_dict(),
+        "operating_point": operating_point,
+        "scans": [
+            {
+                "input": str(result.input),
+                "mask": result.mask_path.name,
+                "probabilities": None
+                if result.probability_path is None
+                else result.probability_path.name,
+                "uncertainty": None
+                if result.uncertainty_path is None
+                else result.uncertainty_path.name,
+                "orientation": "".join(result.orientation),
+                "reoriented": result.reoriented,
+                "ich_volume_ml": result.stats.ich_volume_ml,
+                "member_volumes_ml": list(result.member_volumes_ml),
+            }
+            for result in results
+        ],  # fmt: skip
+        "failures": [str(failure) for failure in failures],
+    }
+    target = output / PROVENANCE_FILE
+    atomic_write_text(target, dumps_json(document))
+    return target
+
+
 # --------------------------------------------------------------------------- volumes
 
 
@@ -136,6 +360,7 @@ class VolumeStats:
     ich_voxels: int
     largest_component_voxels: int
     voxel_volume_ml: float
+    components: int = 0
 
     @property
     def ich_volume_ml(self) -> float:
@@ -162,48 +387,101 @@ def volume_stats(mask: np.ndarray, voxel_volume_ml: float) -> VolumeStats:
         ich_voxels=int(np.count_nonzero(mask)),
         largest_component_voxels=largest,
         voxel_volume_ml=float(voxel_volume_ml),
+        components=int(count),
     )
 
 
 # --------------------------------------------------------------------------- files
 
 
+@dataclass(frozen=True)
+class OutputOptions:
+    """Which files :func:`predict_files` writes besides ``<name>_ich_seg.nii.gz``.
+
+    Attributes:
+        probabilities: ``<name>_prob.nii.gz``, float32 probabilities before threshold and
+            morphology (an ensemble's mean).
+        uncertainty: ``<name>_uncertainty.nii.gz``, the per-voxel standard deviation across an
+            ensemble's members (and flips); written only when there are several passes.
+    """
+
+    probabilities: bool = False
+    uncertainty: bool = True
+
+
+def read_scan(scan: ScanInput) -> tuple[np.ndarray, Any, tuple[float, float, float]]:
+    """An input's ``(X, Y, Z)`` int16 HU volume, the NIfTI image whose space outputs are written
+    in, and its voxel sizes in mm (as stored in the file's header)."""
+    hu, image = read_ct(scan.path)
+    assert hu is not None
+    spacing = voxel_spacing_mm(scan.path, image)  # the raw header's sizes
+    return hu, image, (float(spacing[0]), float(spacing[1]), float(spacing[2]))
+
+
+def scan_reorientation(image: Any, predictor: Predictor | Ensemble, path: Path) -> Reorientation:
+    """How a scan's array is brought to the orientation the model was trained on."""
+    target = predictor.input_spec.orientation or CTICH_ORIENTATION
+    try:
+        return reorientation(image.affine, target)
+    except ValueError as err:
+        raise DatasetError(f"{path}: cannot tell the scan's orientation ({err})", path) from None
+
+
 def predict_file(
-    predictor: Predictor,
+    predictor: Predictor | Ensemble,
     scan: ScanInput,
     output: Path,
     save_probabilities: bool = False,
     progress: Any = None,
+    options: OutputOptions | None = None,
 ) -> ScanResult:
-    """Predict one NIfTI scan and write ``<name>_ich.nii.gz`` (and ``<name>_prob.nii.gz``)."""
+    """Predict one scan and write ``<name>_ich_seg.nii.gz`` (and the files of ``options``) in the
+    scan's own space; the network sees it in the model's orientation."""
     start = time.perf_counter()
-    hu, image = read_ct(scan.path)
-    assert hu is not None
-    voxel_ml = spacing_volume_ml(voxel_spacing_mm(scan.path, image))  # the raw header's sizes
-    mask_path = output / f"{scan.name}{MASK_SUFFIX}.nii.gz"
-    probability_path = (
-        output / f"{scan.name}{PROBABILITY_SUFFIX}.nii.gz" if save_probabilities else None
-    )
-    for target in (mask_path, probability_path):
+    options = options or OutputOptions(probabilities=save_probabilities)
+    ensemble = predictor if isinstance(predictor, Ensemble) else Ensemble([predictor])
+    hu, image, spacing = read_scan(scan)
+    voxel_ml = spacing_volume_ml(spacing)
+    reorient = scan_reorientation(image, ensemble, scan.path)
+    targets = {
+        "mask": output / f"{scan.name}{MASK_SUFFIX}.nii.gz",
+        "probabilities": output / f"{scan.name}{PROBABILITY_SUFFIX}.nii.gz"
+        if options.probabilities else None,
+        "uncertainty": output / f"{scan.name}{UNCERTAINTY_SUFFIX}.nii.gz"
+        if options.uncertainty and not ensemble.single else None,
+    }  # fmt: skip
+    for target in targets.values():
         if target is not None:
             check_replaceable(target)
-    probabilities, mask = predictor.predict_hu(hu, progress)
+    prediction = ensemble.predict_hu(reorient.forward(hu), progress)
+    images = {
+        "mask": (prediction.mask.astype(np.uint8), "ichseg ICH mask"),
+        "probabilities": (prediction.probabilities, "ichseg ICH probability"),
+        "uncertainty": (prediction.spread, "ichseg ICH uncertainty (std across models)"),
+    }
     try:
-        save_like(image, mask.astype(np.uint8), mask_path, "ichseg ICH mask")
-        if probability_path is not None:
-            save_like(
-                image,
-                probabilities.astype(np.float32, copy=False),
-                probability_path,
-                "ichseg ICH probability",
-            )
+        for key, target in targets.items():
+            data, description = images[key]
+            if target is not None and data is not None:
+                data = np.ascontiguousarray(reorient.backward(data))
+                save_like(image, data, target, description)
     except OSError as err:
         raise DatasetError(
             f"{output}: cannot write the prediction of {scan.path.name} ({err.strerror or err})",
             output,
         ) from None
-    stats = volume_stats(mask, voxel_ml)
-    return ScanResult(scan.path, mask_path, probability_path, stats, time.perf_counter() - start)
+    stats = volume_stats(prediction.mask, voxel_ml)
+    return ScanResult(
+        scan.path,
+        targets["mask"],
+        targets["probabilities"],
+        stats,
+        time.perf_counter() - start,
+        uncertainty_path=targets["uncertainty"],
+        member_volumes_ml=tuple(v * voxel_ml for v in prediction.member_voxels),
+        orientation=reorient.source,
+        reoriented=not reorient.identity,
+    )
 
 
 #: The start of the ``descrip`` field of every image ichseg.predict writes.
@@ -232,7 +510,7 @@ def check_replaceable(target: Path) -> None:
 
 @dataclass(frozen=True)
 class ScanInput:
-    """One input scan: its file and the name its outputs are given (``<name>_ich.nii.gz``)."""
+    """One input scan: its file and the name its outputs are given (``<name>_ich_seg.nii.gz``)."""
 
     path: Path
     name: str
@@ -247,10 +525,24 @@ class ScanResult:
     probability_path: Path | None
     stats: VolumeStats
     seconds: float
+    uncertainty_path: Path | None = None
+    #: Each ensemble member's own ICH volume (one value for a single model).
+    member_volumes_ml: tuple[float, ...] = ()
+    #: The scan's array orientation (axis codes) and whether it was reoriented for the network.
+    orientation: tuple[str, ...] = CTICH_ORIENTATION
+    reoriented: bool = False
+
+    @property
+    def interval_ml(self) -> tuple[float, float] | None:
+        """The members' smallest and largest volume, None for a single model."""
+        if len(self.member_volumes_ml) < 2:
+            return None
+        return min(self.member_volumes_ml), max(self.member_volumes_ml)
 
     def row(self) -> dict[str, str]:
         """The scan's ``volumes.csv`` row."""
         stats = self.stats
+        interval = self.interval_ml
         return {
             "file": str(self.input),
             "mask": self.mask_path.name,
@@ -260,6 +552,11 @@ class ScanResult:
             "voxel_volume_ml": f"{stats.voxel_volume_ml:.6g}",
             "ich_volume_ml": f"{stats.ich_volume_ml:.6f}",
             "largest_component_ml": f"{stats.largest_component_ml:.6f}",
+            "components": str(stats.components),
+            "members": str(max(1, len(self.member_volumes_ml))),
+            "member_min_ml": "" if interval is None else f"{interval[0]:.6f}",
+            "member_max_ml": "" if interval is None else f"{interval[1]:.6f}",
+            "orientation": "".join(self.orientation),
             "seconds": f"{self.seconds:.2f}",
         }
 
@@ -268,7 +565,7 @@ def find_inputs(source: str | os.PathLike[str]) -> list[ScanInput]:
     """The scans of ``source``: a NIfTI file, a folder of them, or a CT-ICH NIfTI release root.
 
     A folder's own ``.nii`` / ``.nii.gz`` files are taken (not its subfolders), except earlier
-    outputs (``*_ich`` / ``*_prob``); a release root contributes ``ct_scans/``. The JPG release is
+    outputs (:data:`OUTPUT_SUFFIXES`); a release root contributes ``ct_scans/``. The JPG release is
     refused: its 8-bit images carry neither Hounsfield units nor voxel sizes.
     """
     source = Path(source)
@@ -299,7 +596,7 @@ def find_inputs(source: str | os.PathLike[str]) -> list[ScanInput]:
         name = nifti_stem(path)
         if name is None or not path.is_file():
             continue
-        if folder == source and name.endswith((MASK_SUFFIX, PROBABILITY_SUFFIX)):
+        if folder == source and name.endswith(OUTPUT_SUFFIXES):
             continue  # an earlier prediction written into the input folder
         scans.append(ScanInput(path, name))
     if not scans:
@@ -378,7 +675,8 @@ def read_volumes(target: str | os.PathLike[str]) -> list[dict[str, str]]:
         raise DatasetError(
             f"{target}: cannot read the earlier volumes ({reason})", target
         ) from None
-    if columns != VOLUME_COLUMNS or any(None in row or not row.get("mask") for row in rows):
+    known = columns in (VOLUME_COLUMNS, LEGACY_VOLUME_COLUMNS)
+    if not known or any(None in row or not row.get("mask") for row in rows):
         raise DatasetError(
             f"{target}: not a {VOLUMES_FILE} written by ichseg.predict (expected the columns "
             f"{','.join(VOLUME_COLUMNS)}), so it is not replaced; move it or choose another "
@@ -398,7 +696,8 @@ def write_volumes(
     of masks not there before follow.
     """
     new = {result.mask_path.name: result.row() for result in results}
-    rows = [new.pop(row["mask"], dict(row)) for row in earlier]
+    blank = dict.fromkeys(VOLUME_COLUMNS, "")
+    rows = [new.pop(row["mask"], {**blank, **row}) for row in earlier]
     rows += list(new.values())
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=VOLUME_COLUMNS, lineterminator="\n")
@@ -408,15 +707,19 @@ def write_volumes(
 
 
 def predict_files(
-    predictor: Predictor,
+    predictor: Predictor | Ensemble,
     scans: Sequence[ScanInput],
     output: str | os.PathLike[str],
     save_probabilities: bool = False,
     progress: bool = True,
     on_result: Callable[[ScanResult], None] | None = None,
+    options: OutputOptions | None = None,
 ) -> list[ScanResult]:
     """Predict every scan into ``output`` and keep ``output/volumes.csv`` up to date.
 
+    ``predictor`` is one model's :class:`~ichseg.inference.Predictor` or an
+    :class:`~ichseg.inference.ensemble.Ensemble`; ``options`` says which files are written besides
+    the masks (default: the probabilities when ``save_probabilities``, an ensemble's uncertainty).
     Each scan's files, and ``volumes.csv`` after each scan, are written atomically, so an
     interrupted run leaves only complete files; rows of an earlier run's ``volumes.csv`` are
     kept, those of the scans predicted again replaced. A scan that fails (unreadable header or
@@ -427,30 +730,32 @@ def predict_files(
     """
     from tqdm.auto import tqdm
 
+    options = options or OutputOptions(probabilities=save_probabilities)
+    ensemble = predictor if isinstance(predictor, Ensemble) else Ensemble([predictor])
     output = prepare_output(output)
     earlier = read_volumes(output / VOLUMES_FILE)
     results: list[ScanResult] = []
     failures: list[IchsegError] = []
-    per_slice = predictor.input_spec.tiles_per_slice
-    unit = "tile" if predictor.input_spec.mode == "windowed" else "slice"
+    per_slice = ensemble.input_spec.tiles_per_slice * ensemble.passes
+    unit = "tile" if ensemble.input_spec.mode == "windowed" else "slice"
     disable = None if progress else True  # None: only on a terminal
     with tqdm(scans, desc="scans", unit="scan", disable=disable, position=0) as bar:
         for scan in bar:
             bar.set_postfix_str(scan.name)
             try:
-                _, header_image = read_ct(scan.path, header_only=True)
-                total = int(header_image.shape[2]) * per_slice
+                shape = scan_shape(scan, ensemble)
                 with tqdm(
-                    total=total, desc=scan.name, unit=unit, leave=False, disable=disable, position=1
-                ) as inner:
-                    result = predict_file(predictor, scan, output, save_probabilities, inner)
+                    total=shape[2] * per_slice, desc=scan.name, unit=unit, leave=False,
+                    disable=disable, position=1,
+                ) as inner:  # fmt: skip
+                    result = predict_file(ensemble, scan, output, progress=inner, options=options)
             except IchsegError as err:
                 failures.append(err)
                 continue
             except torch.cuda.OutOfMemoryError:
                 failures.append(
                     ConfigError(
-                        f"{scan.path}: out of {predictor.device.type.upper()} memory; "
+                        f"{scan.path}: out of {ensemble.device.type.upper()} memory; "
                         "lower inference.tile_batch_size"
                     )
                 )
@@ -464,3 +769,9 @@ def predict_files(
             raise failures[0]
         raise PredictionFailures(results, failures)
     return results
+
+
+def scan_shape(scan: ScanInput, predictor: Predictor | Ensemble) -> tuple[int, int, int]:
+    """A scan's shape in the model's orientation, from its header alone (slices last)."""
+    _, image = read_ct(scan.path, header_only=True)
+    return scan_reorientation(image, predictor, scan.path).shape(image.shape)

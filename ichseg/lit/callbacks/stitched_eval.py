@@ -158,7 +158,7 @@ class StitchedEvaluation(pl.Callback):
             ``ichseg.predict`` finds it. The test split never influences the choice.
         tune_thresholds: the thresholds tried on val (default 0.3 ... 0.7).
         save_masks: also write each scored patient's mask (at the operating point, in the scan's
-            space) as ``masks/<patient>_ich.nii.gz`` beside the report (test time only).
+            space) as ``masks/<patient>_ich_seg.nii.gz`` beside the report (test time only).
     """
 
     def __init__(
