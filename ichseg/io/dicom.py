@@ -80,6 +80,13 @@ class DicomSeries:
     folder: Path
     description: str
 
+    def relative(self, path: Path) -> str:
+        """``path`` relative to the series folder, for messages."""
+        try:
+            return str(path.relative_to(self.folder))
+        except ValueError:
+            return str(path)
+
     def problem(self, text: str) -> DatasetError:
         """A DatasetError about this series: ``<description> in <folder>: <text>``."""
         return DatasetError(f"{self.description} in {self.folder}: {text}", self.folder)
@@ -230,13 +237,14 @@ def _fmt(values: np.ndarray) -> str:
 
 def _geometry(series: DicomSeries, pydicom: Any) -> _Geometry:
     """Read the headers of ``series``, check that they form a regular volume, sort them."""
+    rel = series.relative
     headers = []
     for path in series.files:
         try:
             headers.append(pydicom.dcmread(path, stop_before_pixels=True))
         except Exception as err:  # pydicom raises many types for a damaged header
             raise series.problem(
-                f"unreadable DICOM header in {path.name} ({first_line(err)})"
+                f"unreadable DICOM header in {rel(path)} ({first_line(err)})"
             ) from None
     if not headers:
         raise series.problem("the series has no slices")
@@ -244,16 +252,16 @@ def _geometry(series: DicomSeries, pydicom: Any) -> _Geometry:
         frames = int(ds.get("NumberOfFrames", 1) or 1)
         if frames > 1:
             raise series.problem(
-                f"{path.name} is a multi-frame image ({frames} frames), which is not supported yet"
+                f"{rel(path)} is a multi-frame image ({frames} frames), which is not supported yet"
             )
         missing = [tag for tag in _GEOMETRY_TAGS if ds.get(tag, None) in (None, "")]
         if missing:
             raise series.problem(
-                f"{path.name} lacks the geometry tag(s) {', '.join(missing)}, "
+                f"{rel(path)} lacks the geometry tag(s) {', '.join(missing)}, "
                 "so its place in the volume is unknown"
             )
         if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
-            raise series.problem(f"{path.name} is not a greyscale image (SamplesPerPixel != 1)")
+            raise series.problem(f"{rel(path)} is not a greyscale image (SamplesPerPixel != 1)")
 
     first = headers[0]
     iop0 = _floats(first.ImageOrientationPatient)
@@ -261,28 +269,28 @@ def _geometry(series: DicomSeries, pydicom: Any) -> _Geometry:
     size0 = (int(first.Rows), int(first.Columns))
     if iop0.shape != (6,) or spacing0.shape != (2,):
         raise series.problem(
-            f"{series.files[0].name} has a malformed ImageOrientationPatient or PixelSpacing"
+            f"{rel(series.files[0])} has a malformed ImageOrientationPatient or PixelSpacing"
         )
     for path, ds in zip(series.files, headers, strict=True):
         iop = _floats(ds.ImageOrientationPatient)
         if iop.shape != (6,) or np.abs(iop - iop0).max() > IOP_TOLERANCE:
             raise series.problem(
                 "the slices have differing ImageOrientationPatient "
-                f"({_fmt(iop0)} in {series.files[0].name}, {_fmt(iop)} in {path.name})"
+                f"({_fmt(iop0)} in {rel(series.files[0])}, {_fmt(iop)} in {rel(path)})"
             )
         spacing = _floats(ds.PixelSpacing)
         if spacing.shape != (2,) or np.abs(spacing - spacing0).max() > SPACING_TOLERANCE_MM:
             raise series.problem(
                 "the slices have differing PixelSpacing "
-                f"({_fmt(spacing0)} mm in {series.files[0].name}, "
-                f"{_fmt(spacing)} mm in {path.name})"
+                f"({_fmt(spacing0)} mm in {rel(series.files[0])}, "
+                f"{_fmt(spacing)} mm in {rel(path)})"
             )
         size = (int(ds.Rows), int(ds.Columns))
         if size != size0:
             raise series.problem(
                 "the slices have differing sizes (Rows x Columns "
-                f"{size0[0]}x{size0[1]} in {series.files[0].name}, "
-                f"{size[0]}x{size[1]} in {path.name})"
+                f"{size0[0]}x{size0[1]} in {rel(series.files[0])}, "
+                f"{size[0]}x{size[1]} in {rel(path)})"
             )
     if min(spacing0) <= 0:
         raise series.problem(f"PixelSpacing {_fmt(spacing0)} is not positive")
@@ -332,7 +340,7 @@ def _geometry(series: DicomSeries, pydicom: Any) -> _Geometry:
         dup = int(np.argmin(steps))
         if steps[dup] < DUPLICATE_TOLERANCE_MM:
             raise series.problem(
-                f"{files[dup].name} and {files[dup + 1].name} share the slice position "
+                f"{rel(files[dup])} and {rel(files[dup + 1])} share the slice position "
                 f"{along[dup]:.2f} mm along the normal (duplicate slices)"
             )
         median = float(np.median(steps))
@@ -396,23 +404,25 @@ def read_series(series: DicomSeries) -> Any:
         try:
             ds = pydicom.dcmread(path)
         except Exception as err:  # pydicom raises many types for a damaged file
-            raise series.problem(f"{path.name} is unreadable ({first_line(err)})") from None
+            raise series.problem(
+                f"{series.relative(path)} is unreadable ({first_line(err)})"
+            ) from None
         try:
             stored = ds.pixel_array
         except Exception as err:  # missing decoder, truncated data, ...
             syntax = ds.file_meta.get("TransferSyntaxUID", None)
             if syntax is not None and syntax.is_compressed:
                 raise series.problem(
-                    f"the pixel data of {path.name} cannot be decoded (transfer syntax "
-                    f"{syntax.name}, {syntax}: {first_line(err)}); a decoder such as "
+                    f"the pixel data of {series.relative(path)} cannot be decoded (transfer syntax "
+                    f"{syntax.name}, {syntax}: {first_line(err).rstrip(':')}); a decoder such as "
                     "`pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg` may decode it"
                 ) from None
             raise series.problem(
-                f"the pixel data of {path.name} cannot be read ({first_line(err)})"
+                f"the pixel data of {series.relative(path)} cannot be read ({first_line(err)})"
             ) from None
         if stored.shape != (geo.rows, geo.columns):
             raise series.problem(
-                f"the pixel data of {path.name} has shape {stored.shape}, "
+                f"the pixel data of {series.relative(path)} has shape {stored.shape}, "
                 f"not Rows x Columns {geo.rows}x{geo.columns}"
             )
         slope = float(ds.get("RescaleSlope", 1) or 1)
