@@ -145,9 +145,9 @@ def _is_image(ds: Any) -> bool:
 def find_series(folder: str | os.PathLike[str]) -> list[DicomSeries]:
     """The DICOM image series under ``folder`` (recursively), sorted by name.
 
-    Files that are not DICOM (DICOMDIR aside, which is DICOM but holds no image; text files,
-    NIfTI) and non-image objects (SEG, SR, presentation states) are skipped; slices are grouped
-    by SeriesInstanceUID. Raises :class:`~ichseg.errors.DatasetError` for a missing folder or a
+    Files that are not DICOM (text, NIfTI, ...) and DICOM objects that are not image slices
+    (DICOMDIR, SEG, SR, presentation states) are skipped; slices are grouped by
+    SeriesInstanceUID. Raises :class:`~ichseg.errors.DatasetError` for a missing folder or a
     DICOM file whose header cannot be read, and :class:`~ichseg.errors.ConfigError` without
     pydicom.
     """
