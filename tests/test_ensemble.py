@@ -180,7 +180,7 @@ def test_cli_ensemble_writes_uncertainty_intervals_and_provenance(
     assert " [models " in out and "mL]" in out
     stem = scan.name.split(".")[0]
     assert files_in(output) == [
-        f"{stem}_ich_seg.nii.gz", f"{stem}_uncertainty.nii.gz", "predict.json", "volumes.csv"
+        f"{stem}_ich_seg.nii.gz", f"{stem}_uncertainty.nii.gz", "predict.json", "qa", "volumes.csv"
     ]  # fmt: skip
     provenance = json.loads((output / "predict.json").read_text())
     assert provenance["format"] == "ichseg-predict"

@@ -144,7 +144,7 @@ def test_predict_fails_a_scan_without_voxel_sizes_and_predicts_the_others(
     err = capsys.readouterr().err
     assert "Traceback" not in err and "1 of 2 scan(s) failed" in err
     assert f"{bad}: the header's voxel sizes (pixdim 1-3) are 0 x 0 x 0" in err
-    assert files_in(output) == ["049_ich_seg.nii.gz", "predict.json", "volumes.csv"]
+    assert files_in(output) == ["049_ich_seg.nii.gz", "predict.json", "qa", "volumes.csv"]
     assert [row["mask"] for row in read_rows(output / "volumes.csv")] == ["049_ich_seg.nii.gz"]
 
 
@@ -181,7 +181,7 @@ def test_unreadable_headers_fail_per_file_all_listed(phantom, checkpoint, tmp_pa
     assert "Traceback" not in err and "2 of 4 scan(s) failed" in err
     assert str(folder / "a_garbage.nii") in err and str(folder / "b_empty.nii.gz") in err
     assert files_in(output) == [
-        "049_ich_seg.nii.gz", "050_ich_seg.nii.gz", "predict.json", "volumes.csv"
+        "049_ich_seg.nii.gz", "050_ich_seg.nii.gz", "predict.json", "qa", "volumes.csv"
     ]  # fmt: skip
 
 
@@ -259,7 +259,7 @@ def test_a_users_file_named_like_a_mask_is_not_replaced(phantom, checkpoint, tmp
     assert f"{mine}: exists and was not written by ichseg.predict" in err
     assert mine.read_bytes() == mine_bytes
     assert files_in(output) == [
-        "049_ich_seg.nii.gz", "050_ich_seg.nii.gz", "predict.json", "volumes.csv"
+        "049_ich_seg.nii.gz", "050_ich_seg.nii.gz", "predict.json", "qa", "volumes.csv"
     ]  # fmt: skip
     # its own earlier prediction is replaced without a word
     mine.unlink()

@@ -130,7 +130,7 @@ def test_cli_writes_masks_in_the_input_space(phantom, checkpoint, tmp_path):
     expected = sorted(
         [f"{s.name.split('.')[0]}_ich_seg.nii.gz" for s in scans]
         + [f"{s.name.split('.')[0]}_prob.nii.gz" for s in scans]
-        + ["predict.json", "volumes.csv"]
+        + ["predict.json", "qa", "volumes.csv"]
     )
     assert files_in(output) == expected
     rows = read_rows(output / "volumes.csv")
@@ -558,7 +558,7 @@ def test_one_bad_scan_among_good_ones(phantom, checkpoint, tmp_path, capsys):
     assert exit_info.value.code == 2
     assert "NaN" in capsys.readouterr().err
     stem = good.name.split(".")[0]
-    assert files_in(output) == [f"{stem}_ich_seg.nii.gz", "predict.json", "volumes.csv"]
+    assert files_in(output) == [f"{stem}_ich_seg.nii.gz", "predict.json", "qa", "volumes.csv"]
     assert [row["mask"] for row in read_rows(output / "volumes.csv")] == [f"{stem}_ich_seg.nii.gz"]
 
 

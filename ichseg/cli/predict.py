@@ -26,6 +26,8 @@ from ichseg.checkpoint import load_model
 from ichseg.errors import ConfigError, IchsegError
 from ichseg.inference.scans import (
     PROVENANCE_FILE,
+    QA_FOLDER,
+    QA_INDEX,
     VOLUMES_FILE,
     OutputOptions,
     PredictionFailures,
@@ -72,6 +74,8 @@ class PredictConfig:
     save_probabilities: bool = False
     save_uncertainty: bool = True
     flip: bool = False
+    dicom_seg: bool = False
+    qa: bool = True
     progress: bool = True
     inference: Any = field(default_factory=InferenceOverrides)
 
@@ -79,12 +83,15 @@ class PredictConfig:
 OPTION_HELP: dict[str, str] = {
     "ckpt": "checkpoint written by ichseg.train, a list [a.ckpt,b.ckpt] or a folder of training "
     "runs (e.g. the multirun of the 5 CV rounds): several are averaged as one ensemble (required)",
-    "input": "a .nii/.nii.gz scan, a folder of them, or a CT-ICH NIfTI release root (required)",
+    "input": "a .nii/.nii.gz scan, a folder of them or of DICOM series (ichseg[dicom]), or a "
+    "CT-ICH NIfTI release root (required)",
     "output": "folder for <name>_ich_seg.nii.gz, volumes.csv and predict.json (required)",
     "device": "auto (CUDA when available), cpu or cuda (default auto)",
     "save_probabilities": "also write <name>_prob.nii.gz, float32 (default false)",
     "save_uncertainty": "with several models, <name>_uncertainty.nii.gz (default true)",
     "flip": "also average each model over the left-right flipped scan (default false)",
+    "dicom_seg": "DICOM inputs: also <name>_ich_seg.dcm, a DICOM SEG (default false)",
+    "qa": "qa/index.html and a PNG sheet per scan of its ICH slices (default true)",
     "progress": "progress bars on a terminal (default true)",
     "inference.threshold": "probability threshold (default: the checkpoint's operating point)",
     "inference.postprocess": "closing then opening after the threshold (default: the checkpoint's)",
@@ -169,6 +176,8 @@ def run(cfg: Any) -> list[ScanResult]:
     scans = find_inputs(Path(str(cfg.input)).expanduser())
     unreadable: list[IchsegError] = []
     for scan in scans:  # a scan that is not a readable 3D volume fails alone (predict_files)...
+        if scan.series is not None:
+            continue  # a DICOM series' headers were read when it was found
         try:
             read_ct(scan.path, header_only=True)
         except IchsegError as err:
@@ -193,12 +202,20 @@ def run(cfg: Any) -> list[ScanResult]:
             "CT-ICH's L,A,S is assumed",
             flush=True,
         )
-    options = OutputOptions(bool(cfg.save_probabilities), bool(cfg.save_uncertainty))
+    options = OutputOptions(
+        probabilities=bool(cfg.save_probabilities),
+        uncertainty=bool(cfg.save_uncertainty),
+        dicom_seg=bool(cfg.dicom_seg),
+        qa=bool(cfg.qa),
+    )
+    if options.dicom_seg and not any(scan.series is not None for scan in scans):
+        print("dicom_seg: no DICOM input, so no DICOM SEG is written", flush=True)
 
     def report(result: ScanResult) -> None:
         stats = result.stats
+        name = result.label or result.input.name
         line = (
-            f"{result.input.name}: {stats.ich_volume_ml:.2f} mL ICH in {stats.ich_slices} of "
+            f"{name}: {stats.ich_volume_ml:.2f} mL ICH in {stats.ich_slices} of "
             f"{stats.slices} slices (largest component {stats.largest_component_ml:.2f} mL), "
             f"{result.seconds:.1f} s -> {result.mask_path}"
         )
@@ -228,6 +245,8 @@ def run(cfg: Any) -> list[ScanResult]:
         raise
     write_provenance(output, models, predictor, settings, point, results)
     print(f"volumes: {output / VOLUMES_FILE}; provenance: {output / PROVENANCE_FILE}", flush=True)
+    if options.qa:
+        print(f"QA report: {output / QA_FOLDER / QA_INDEX}", flush=True)
     return results
 
 

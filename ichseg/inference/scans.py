@@ -37,6 +37,9 @@ from ichseg.utils.atomic import atomic_write_text
 MASK_SUFFIX = "_ich_seg"
 PROBABILITY_SUFFIX = "_prob"
 UNCERTAINTY_SUFFIX = "_uncertainty"
+#: The folder of the QA report (``qa/index.html`` and a ``<name>.png`` sheet per scan).
+QA_FOLDER = "qa"
+QA_INDEX = "index.html"
 #: Name endings of files predictions write (this version's and earlier ones' ``_ich``): skipped
 #: when such files are found in an input folder.
 OUTPUT_SUFFIXES: tuple[str, ...] = ("_ich", MASK_SUFFIX, PROBABILITY_SUFFIX, UNCERTAINTY_SUFFIX)
@@ -324,28 +327,34 @@ def write_provenance(
         },
         "inference": ensemble.inference_spec.to_dict(),
         "operating_point": operating_point,
-        "scans": [
-            {
-                "input": str(result.input),
-                "mask": result.mask_path.name,
-                "probabilities": None
-                if result.probability_path is None
-                else result.probability_path.name,
-                "uncertainty": None
-                if result.uncertainty_path is None
-                else result.uncertainty_path.name,
-                "orientation": "".join(result.orientation),
-                "reoriented": result.reoriented,
-                "ich_volume_ml": result.stats.ich_volume_ml,
-                "member_volumes_ml": list(result.member_volumes_ml),
-            }
-            for result in results
-        ],  # fmt: skip
+        "scans": [_scan_record(result) for result in results],
         "failures": [str(failure) for failure in failures],
     }
     target = output / PROVENANCE_FILE
     atomic_write_text(target, dumps_json(document))
     return target
+
+
+def _scan_record(result: ScanResult) -> dict[str, Any]:
+    """What ``predict.json`` says about one scan: its input and every file written for it."""
+
+    def name(path: Path | None) -> str | None:
+        return None if path is None else str(path.relative_to(result.mask_path.parent))
+
+    return {
+        "input": str(result.input),
+        "name": result.name,
+        "source": result.label,
+        "mask": result.mask_path.name,
+        "probabilities": name(result.probability_path),
+        "uncertainty": name(result.uncertainty_path),
+        "dicom_seg": name(result.seg_path),
+        "qa_sheet": name(result.sheet_path),
+        "orientation": "".join(result.orientation),
+        "reoriented": result.reoriented,
+        "ich_volume_ml": result.stats.ich_volume_ml,
+        "member_volumes_ml": list(result.member_volumes_ml),
+    }
 
 
 # --------------------------------------------------------------------------- volumes
@@ -403,15 +412,28 @@ class OutputOptions:
             morphology (an ensemble's mean).
         uncertainty: ``<name>_uncertainty.nii.gz``, the per-voxel standard deviation across an
             ensemble's members (and flips); written only when there are several passes.
+        dicom_seg: for a DICOM series, also ``<name>_ich_seg.dcm``, the mask as a DICOM SEG that
+            references the series (``ichseg[dicom]``; NIfTI inputs have no series to reference).
+        qa: the visual QA report: ``qa/<name>.png`` per scan (:func:`ichseg.inference.qa.qa_sheet`)
+            and ``qa/index.html`` listing every scan of ``volumes.csv`` with its sheet.
     """
 
     probabilities: bool = False
     uncertainty: bool = True
+    dicom_seg: bool = False
+    qa: bool = False
 
 
 def read_scan(scan: ScanInput) -> tuple[np.ndarray, Any, tuple[float, float, float]]:
     """An input's ``(X, Y, Z)`` int16 HU volume, the NIfTI image whose space outputs are written
     in, and its voxel sizes in mm (as stored in the file's header)."""
+    if scan.series is not None:
+        from ichseg.io.dicom import read_series
+
+        image = read_series(scan.series)
+        hu = np.asarray(image.dataobj, dtype=np.int16)
+        zooms = image.header.get_zooms()
+        return hu, image, (float(zooms[0]), float(zooms[1]), float(zooms[2]))
     hu, image = read_ct(scan.path)
     assert hu is not None
     spacing = voxel_spacing_mm(scan.path, image)  # the raw header's sizes
@@ -450,10 +472,18 @@ def predict_file(
         "uncertainty": output / f"{scan.name}{UNCERTAINTY_SUFFIX}.nii.gz"
         if options.uncertainty and not ensemble.single else None,
     }  # fmt: skip
+    seg_path = (
+        output / f"{scan.name}{MASK_SUFFIX}.dcm"
+        if options.dicom_seg and scan.series is not None else None
+    )  # fmt: skip
+    sheet_path = output / QA_FOLDER / f"{scan.name}.png" if options.qa else None
     for target in targets.values():
         if target is not None:
             check_replaceable(target)
-    prediction = ensemble.predict_hu(reorient.forward(hu), progress)
+    if seg_path is not None:
+        check_replaceable_seg(seg_path)
+    network_hu = reorient.forward(hu)
+    prediction = ensemble.predict_hu(network_hu, progress)
     images = {
         "mask": (prediction.mask.astype(np.uint8), "ichseg ICH mask"),
         "probabilities": (prediction.probabilities, "ichseg ICH probability"),
@@ -465,6 +495,18 @@ def predict_file(
             if target is not None and data is not None:
                 data = np.ascontiguousarray(reorient.backward(data))
                 save_like(image, data, target, description)
+        if seg_path is not None:
+            from ichseg.io.dicom import write_seg
+
+            write_seg(reorient.backward(prediction.mask), scan.series, seg_path)
+        if sheet_path is not None:
+            from ichseg.inference.qa import write_qa_sheet
+
+            sheet_path.parent.mkdir(exist_ok=True)
+            write_qa_sheet(
+                network_hu, prediction.mask, reorient.spacing(spacing), scan.name, sheet_path,
+                probabilities=prediction.probabilities,
+            )  # fmt: skip
     except OSError as err:
         raise DatasetError(
             f"{output}: cannot write the prediction of {scan.path.name} ({err.strerror or err})",
@@ -481,6 +523,10 @@ def predict_file(
         member_volumes_ml=tuple(v * voxel_ml for v in prediction.member_voxels),
         orientation=reorient.source,
         reoriented=not reorient.identity,
+        seg_path=seg_path,
+        sheet_path=sheet_path,
+        name=scan.name,
+        label=scan.label,
     )
 
 
@@ -508,12 +554,39 @@ def check_replaceable(target: Path) -> None:
         )
 
 
+def check_replaceable_seg(target: Path) -> None:
+    """Refuse to replace a ``.dcm`` that is not a DICOM SEG ichseg.predict wrote."""
+    if not target.exists() and not target.is_symlink():
+        return
+    try:
+        import pydicom
+
+        dataset = pydicom.dcmread(target, stop_before_pixels=True)
+        ours = dataset.get("Modality") == "SEG" and dataset.get("Manufacturer") == "ichseg"
+    except Exception:  # not DICOM, or no pydicom: not ours to replace
+        ours = False
+    if not ours:
+        raise DatasetError(
+            f"{target}: exists and was not written by ichseg.predict, so it is not replaced; "
+            "move it or choose another output folder",
+            target,
+        )
+
+
 @dataclass(frozen=True)
 class ScanInput:
-    """One input scan: its file and the name its outputs are given (``<name>_ich_seg.nii.gz``)."""
+    """One input scan: its file (a DICOM series: its folder) and the name its outputs are given
+    (``<name>_ich_seg.nii.gz``); ``series`` is the :class:`~ichseg.io.dicom.DicomSeries` of a
+    DICOM input, None for a NIfTI file."""
 
     path: Path
     name: str
+    series: Any = None
+
+    @property
+    def label(self) -> str:
+        """How messages name the scan: the file name, or the series."""
+        return self.path.name if self.series is None else self.series.description
 
 
 @dataclass(frozen=True)
@@ -531,6 +604,11 @@ class ScanResult:
     #: The scan's array orientation (axis codes) and whether it was reoriented for the network.
     orientation: tuple[str, ...] = CTICH_ORIENTATION
     reoriented: bool = False
+    seg_path: Path | None = None
+    sheet_path: Path | None = None
+    #: The input's name (``<name>_ich_seg.nii.gz``) and how messages call it.
+    name: str = ""
+    label: str = ""
 
     @property
     def interval_ml(self) -> tuple[float, float] | None:
@@ -574,7 +652,11 @@ def find_inputs(source: str | os.PathLike[str]) -> list[ScanInput]:
     if source.is_file():
         name = nifti_stem(source)
         if name is None:
-            raise DatasetError(f"{source}: not a NIfTI file (expected .nii or .nii.gz)", source)
+            raise DatasetError(
+                f"{source}: not a NIfTI file (expected .nii or .nii.gz; for DICOM, give the "
+                "folder of the series)",
+                source,
+            )
         return [ScanInput(source, name)]
     folder = source
     try:
@@ -599,8 +681,18 @@ def find_inputs(source: str | os.PathLike[str]) -> list[ScanInput]:
         if folder == source and name.endswith(OUTPUT_SUFFIXES):
             continue  # an earlier prediction written into the input folder
         scans.append(ScanInput(path, name))
+    if not scans and release is None:
+        from ichseg.io.dicom import find_series, is_dicom_folder
+
+        if is_dicom_folder(folder):
+            series = find_series(folder)
+            if not series:
+                raise DatasetError(f"{folder}: no DICOM image series in this folder", folder)
+            return [ScanInput(item.folder, item.name, item) for item in series]
     if not scans:
-        raise DatasetError(f"{folder}: no NIfTI scans (.nii or .nii.gz) in this folder", folder)
+        raise DatasetError(
+            f"{folder}: no NIfTI scans (.nii or .nii.gz) and no DICOM series in this folder", folder
+        )
     names: dict[str, Path] = {}
     for scan in scans:
         if scan.name in names:
@@ -762,6 +854,8 @@ def predict_files(
                 continue
             results.append(result)
             write_volumes(results, output / VOLUMES_FILE, earlier)
+            if options.qa:
+                write_qa_index(output)
             if on_result is not None:
                 on_result(result)
     if failures:
@@ -771,7 +865,55 @@ def predict_files(
     return results
 
 
+def write_qa_index(output: Path, note: str | None = None) -> Path:
+    """(Re)write ``qa/index.html``: every scan of ``volumes.csv`` that has a QA sheet in
+    ``qa/``, with its volume, the members' interval, components and sheet, sorted by volume."""
+    from ichseg.inference.qa import QARow
+    from ichseg.inference.qa import write_qa_index as write_index
+
+    def number(text: str, default: float = 0.0) -> float:
+        try:
+            return float(text)
+        except (TypeError, ValueError):
+            return default
+
+    rows = []
+    for row in read_volumes(output / VOLUMES_FILE):
+        mask = row["mask"]
+        name = next(
+            (
+                mask[: -len(end)]
+                for end in (f"{MASK_SUFFIX}.nii.gz", "_ich.nii.gz")
+                if mask.endswith(end)
+            ),
+            mask,
+        )
+        if not (output / QA_FOLDER / f"{name}.png").is_file():
+            continue
+        low, high = row.get("member_min_ml", ""), row.get("member_max_ml", "")
+        rows.append(
+            QARow(
+                name=name,
+                volume_ml=number(row["ich_volume_ml"]),
+                interval_ml=(number(low), number(high)) if low and high else None,
+                largest_component_ml=number(row["largest_component_ml"]),
+                components=int(number(row.get("components", ""))),
+                ich_slices=int(number(row["ich_slices"])),
+                slices=int(number(row["slices"])),
+                sheet=f"{name}.png",
+                mask=f"../{mask}",
+            )
+        )
+    target = output / QA_FOLDER / QA_INDEX
+    target.parent.mkdir(exist_ok=True)
+    write_index(rows, target, title=f"ichseg predictions: {output.name}", note=note)
+    return target
+
+
 def scan_shape(scan: ScanInput, predictor: Predictor | Ensemble) -> tuple[int, int, int]:
-    """A scan's shape in the model's orientation, from its header alone (slices last)."""
+    """A scan's shape in the model's orientation, from its header alone (slices last; a DICOM
+    series: its files are taken as the slices)."""
+    if scan.series is not None:
+        return 0, 0, len(scan.series.files)
     _, image = read_ct(scan.path, header_only=True)
     return scan_reorientation(image, predictor, scan.path).shape(image.shape)
