@@ -27,11 +27,9 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
+from ichseg.data.windowing import apply_window
 from ichseg.utils.atomic import atomic_path, atomic_write_text
 
-#: Brain window (Hounsfield units): level 40, width 120 -> 0..255 grey.
-WINDOW_LEVEL = 40.0
-WINDOW_WIDTH = 120.0
 #: Width of one thumbnail in pixels (a 512-pixel slice is halved).
 THUMB_WIDTH = 256
 #: Thumbnails per row of the sheet.
@@ -65,11 +63,10 @@ def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
         return ImageFont.load_default()
 
 
-def window(hu: np.ndarray, level: float = WINDOW_LEVEL, width: float = WINDOW_WIDTH) -> np.ndarray:
-    """Hounsfield units -> uint8 grey: ``level - width/2`` is black, ``level + width/2`` white."""
-    low = level - width / 2.0
-    scaled = (np.asarray(hu, dtype=np.float32) - low) * (255.0 / width)
-    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+def window(hu: np.ndarray) -> np.ndarray:
+    """Hounsfield units -> uint8 grey in the brain window (the windowing of the network's input,
+    :func:`ichseg.data.windowing.apply_window`)."""
+    return apply_window(np.asarray(hu), "brain", np.uint8)
 
 
 def _fit(
