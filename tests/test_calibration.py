@@ -142,3 +142,17 @@ def test_save_png_writes_a_png(tmp_path):
     path = save_png(image, tmp_path / "reliability.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert Image.open(io.BytesIO(path.read_bytes())).size == (480, 480)
+
+
+def test_the_inference_spec_carries_a_positive_temperature():
+    from ichseg.errors import ConfigError
+    from ichseg.specs import InferenceSpec
+
+    assert InferenceSpec().temperature == 1.0
+    old = InferenceSpec().to_dict()
+    del old["temperature"]  # a checkpoint written before the field existed
+    assert InferenceSpec.from_dict(old).temperature == 1.0
+    assert InferenceSpec(temperature=2).temperature == 2.0
+    for bad in (0, -1.5, float("inf"), float("nan"), True, "2"):
+        with pytest.raises(ConfigError, match="temperature"):
+            InferenceSpec(temperature=bad)
