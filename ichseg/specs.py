@@ -15,6 +15,7 @@ prediction is the mask the report scored.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
@@ -181,6 +182,9 @@ class InferenceSpec:
         order: ``"close-open"`` (the paper) or ``"open-close"``.
         convention: ``"opencv"`` (the authors' anchor for even squares) or ``"symmetric"``.
         reference_size: the slice size at which the sizes are given (640).
+        temperature: temperature scaling of the probabilities, ``sigmoid(logit(p) / T)`` on the
+            scan's grid (1: none). The stitched evaluation fits it on val (``calibrate``) and then
+            gives ``threshold`` on the calibrated scale, so the masks do not change.
     """
 
     blend: str = "constant"
@@ -194,6 +198,7 @@ class InferenceSpec:
     order: str = "close-open"
     convention: str = "opencv"
     reference_size: int = REFERENCE_SIZE
+    temperature: float = 1.0
 
     def __post_init__(self) -> None:
         owner = "inference spec"
@@ -218,6 +223,15 @@ class InferenceSpec:
             if not low <= float(value) <= high:
                 raise ConfigError(f"{owner}.{name} must lie in [{low:g}, {high:g}], got {value!r}")
             object.__setattr__(self, name, float(value))
+        value = self.temperature
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not math.isfinite(value)
+            or value <= 0
+        ):
+            raise ConfigError(f"{owner}.temperature must be a positive number, got {value!r}")
+        object.__setattr__(self, "temperature", float(value))
 
     def postprocess_config(self, threshold: float | None = None) -> Any:
         """The :class:`~ichseg.eval.postprocess.PostprocessConfig` of this spec (at ``threshold``,

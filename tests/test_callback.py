@@ -509,8 +509,9 @@ def test_the_reported_metrics_are_those_of_scoring_each_split_on_its_own(
     datamodule = datamodules["nifti-windowed"]
     module = ICHSegmentationModule(Blurred())
     callback = StitchedEvaluation(
-        min_area=0, n_overlays=0, tune_on_val=tune_on_val, inference={"tile_batch_size": 7}
-    )
+        min_area=0, n_overlays=0, tune_on_val=tune_on_val, inference={"tile_batch_size": 7},
+        calibrate=False,  # raw probabilities, as scored here (calibration: the tests below)
+    )  # fmt: skip
     trainer = make_trainer(tmp_path, [callback])
     trainer.test(module, datamodule=datamodule, verbose=False)
 
@@ -575,3 +576,141 @@ def test_progress_bars_follow_the_trainer(datamodules, tmp_path, monkeypatch):
     assert not progress_enabled(trainer) and "Stitched test" not in text
     trainer, text = run(False, enable_progress_bar=True)
     assert "Stitched test" not in text
+
+
+# ------------------------------------------------------------------------- calibration
+
+
+def test_tune_on_val_fits_a_temperature_and_the_masks_stay_the_same(datamodules, tmp_path):
+    """calibrate: T fitted on val, the threshold mapped to its scale, the same masks written;
+    report.md / report.json state the ECE before and after, reliability.png and TensorBoard
+    show the diagram."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from ichseg.eval.calibration import calibrated_threshold
+
+    datamodule = datamodules["nifti-windowed"]
+    callbacks, modules = {}, {}
+    for calibrate in (True, False):
+        out = tmp_path / f"calibrate-{calibrate}"
+        callback = StitchedEvaluation(
+            min_area=0, n_overlays=0, tune_on_val=True, save_masks=True, calibrate=calibrate
+        )
+        module = ICHSegmentationModule(Blurred(), meta={"format": "test"})
+        logger = TensorBoardLogger(out, name="tb", version="")
+        make_trainer(out, [callback], logger=logger).test(
+            module, datamodule=datamodule, verbose=False
+        )
+        callbacks[calibrate], modules[calibrate] = callback, module
+
+    on, off = callbacks[True], callbacks[False]
+    temperature = on.calibration["temperature"]
+    print(f"phantom (Blurred): T = {temperature:.4f}, val ECE {on.calibration['ece_before']:.6f}"
+          f" -> {on.calibration['ece_after']:.6f}; test ECE "
+          f"{on.calibration_reports['test']['ece_before']:.6f} -> "
+          f"{on.calibration_reports['test']['ece_after']:.6f}")  # fmt: skip
+    assert temperature != 1.0 and off.calibration["temperature"] == 1.0
+    assert on.calibration["ece_after"] < on.calibration["ece_before"]  # on val, where it was fit
+    # the same choice on val, stored on the calibrated scale
+    assert (on.tuning.threshold, on.tuning.postprocess) == (
+        off.tuning.threshold, off.tuning.postprocess,
+    )  # fmt: skip
+    stored = {c: modules[c].meta["inference"] for c in (True, False)}
+    assert stored[True]["temperature"] == temperature and stored[False]["temperature"] == 1.0
+    assert stored[True]["threshold"] == calibrated_threshold(on.tuning.threshold, temperature)
+    assert stored[False]["threshold"] == off.tuning.threshold
+    assert modules[True].meta["operating_point"]["threshold_uncalibrated"] == on.tuning.threshold
+    # every test mask is the same with and without calibration
+    folder = {c: tmp_path / f"calibrate-{c}" for c in (True, False)}
+    names = sorted(p.name for p in (folder[True] / "masks").glob("*_ich.nii.gz"))
+    assert names and names == sorted(p.name for p in (folder[False] / "masks").glob("*"))
+    import nibabel as nib
+
+    some = False
+    for name in names:
+        a = np.asanyarray(nib.load(folder[True] / "masks" / name).dataobj)
+        b = np.asanyarray(nib.load(folder[False] / "masks" / name).dataobj)
+        np.testing.assert_array_equal(a, b, err_msg=name)
+        some |= bool(a.any())
+    assert some
+    scored = {c: callbacks[c].results["test"][1].segmentation.dice.mean for c in (True, False)}
+    assert scored[True] == scored[False]
+    # the report: ECE before -> after on test, the val fit, the diagram
+    report = strict_json(folder[True] / "report.json")
+    calibration = report["calibration"]
+    assert calibration["temperature"] == temperature and calibration["bins"] == 15
+    assert calibration["pixels"] == sum(s.mask.size for s in datamodule.eval_scans("test"))
+    assert calibration["ece_after"] < calibration["ece_before"]
+    assert calibration["fit"]["pixels"] == sum(s.mask.size for s in datamodule.eval_scans("val"))
+    assert report["settings"]["temperature"] == temperature
+    assert report["settings"]["threshold"] == stored[True]["threshold"]
+    markdown = (folder[True] / "report.md").read_text()
+    assert "## Calibration" in markdown and "(reliability.png)" in markdown
+    assert f"{calibration['ece_before']:.5f} -> {calibration['ece_after']:.5f}" in markdown
+    assert f"T = {temperature:.4g}" in markdown
+    assert "not calibrated (T = 1)" in (folder[False] / "report.md").read_text()
+    assert strict_json(folder[False] / "report.json")["calibration"]["temperature"] == 1.0
+    for c in (True, False):
+        assert (folder[c] / "reliability.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        events = EventAccumulator(str(folder[c] / "tb"), size_guidance={"images": 0})
+        events.Reload()
+        assert "test/reliability" in events.Tags()["images"]
+
+
+TINY_UNET = {"_target_": "ichseg.models.UNet", "in_channels": 1, "out_channels": 1,
+             "base_filters": 4, "depth": 2, "norm": "none"}  # fmt: skip
+
+
+def tiny_unet() -> nn.Module:
+    from ichseg.models import UNet
+
+    return UNet(**{k: v for k, v in TINY_UNET.items() if k != "_target_"})
+
+
+def save_unet_checkpoint(path: Path, datamodule: CTICHDataModule) -> None:
+    """A tiny UNet in an ichseg checkpoint (format of ichseg.train) for the datamodule's inputs."""
+    from ichseg.checkpoint import make_meta
+    from ichseg.specs import InferenceSpec
+
+    torch.manual_seed(0)
+    meta = make_meta(TINY_UNET, datamodule.input_spec, InferenceSpec())
+    module = ICHSegmentationModule(tiny_unet(), meta=meta)
+    size = datamodule.input_spec.tile_size
+    batch = [{"image": torch.rand(1, size, size), "mask": torch.zeros(1, size, size)}] * 2
+    trainer = make_trainer(path.parent, [], max_epochs=1, limit_train_batches=1)
+    trainer.fit(module, DataLoader(batch, batch_size=2))
+    trainer.save_checkpoint(path)
+
+
+def test_the_tested_checkpoint_holds_the_temperature_and_predict_applies_it(datamodules, tmp_path):
+    from ichseg.checkpoint import read_checkpoint
+    from ichseg.eval.calibration import apply_temperature
+    from ichseg.inference.scans import load_predictor
+
+    datamodule = datamodules["nifti-windowed"]
+    ckpt = tmp_path / "model.ckpt"
+    save_unet_checkpoint(ckpt, datamodule)
+    plain = load_predictor(ckpt, device="cpu")  # as trained: T = 1
+    assert plain.inference_spec.temperature == 1.0
+    copy_ckpt = tmp_path / "uncalibrated.ckpt"
+    shutil.copy(ckpt, copy_ckpt)
+    temperatures = {}
+    for calibrate, path in ((True, ckpt), (False, copy_ckpt)):
+        callback = StitchedEvaluation(min_area=0, n_overlays=0, tune_on_val=True,
+                                      calibrate=calibrate)  # fmt: skip
+        module = ICHSegmentationModule(tiny_unet())
+        make_trainer(tmp_path / str(calibrate), [callback]).test(
+            module, datamodule=datamodule, ckpt_path=path, verbose=False
+        )
+        assert callback.operating_point_file == path
+        meta, _ = read_checkpoint(path)
+        temperatures[calibrate] = meta["inference"]["temperature"]
+    assert temperatures[False] == 1.0 and temperatures[True] != 1.0
+    calibrated = load_predictor(ckpt, device="cpu")
+    assert calibrated.inference_spec.temperature == temperatures[True]
+    scan = next(iter(datamodule.eval_scans("test")))
+    raw = plain.probabilities(scan.images, scan.original_shape)
+    np.testing.assert_array_equal(
+        calibrated.probabilities(scan.images, scan.original_shape),
+        apply_temperature(raw, temperatures[True]),
+    )

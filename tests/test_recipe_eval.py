@@ -154,7 +154,7 @@ def test_the_threshold_is_tuned_on_val_and_applied_to_test(faint_datamodule, tmp
         )
         assert float(plain.callback_metrics["test/stitched_dice"]) == 0.0  # nothing above 0.5
         requested.clear()
-        callback = StitchedEvaluation(min_area=0, n_overlays=0, tune_on_val=True)
+        callback = StitchedEvaluation(min_area=0, n_overlays=0, tune_on_val=True, calibrate=False)
         tuned = run_test(faint_datamodule, callback, tmp_path / "b")
     finally:
         del faint_datamodule.eval_scans

@@ -70,7 +70,10 @@ def test_predict_writes_the_masks_the_evaluation_scored(experiment, tmp_path, ca
     assert settings["inference"] == {**stored, "autocast": "none"}  # the spec the report used
     assert settings["input"] == model.input_spec.to_dict()
     if experiment.endswith("_plus"):
-        assert settings["tuned_on_val"]["threshold"] == model.inference_spec.threshold
+        # the tuned threshold, on the scale of the temperature fitted with it
+        assert settings["tuned_on_val"]["threshold_calibrated"] == model.inference_spec.threshold
+        assert settings["threshold"] == model.inference_spec.threshold
+        assert settings["temperature"] == model.inference_spec.temperature != 1.0
         assert model.operating_point["source"] == "tuned on val"
         assert settings["operating_point_file"] == str(ckpt)
         assert model.inference_spec.blend == (

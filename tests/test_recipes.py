@@ -15,6 +15,7 @@ import torch
 from omegaconf import OmegaConf
 from test_train import TINY, compose_train
 
+from ichseg.eval.calibration import calibrated_threshold
 from ichseg.models.losses import DiceBCELoss
 from ichseg.predict import load_predictor
 from ichseg.specs import InputSpec
@@ -103,14 +104,20 @@ def test_windowed_plus_trains_tunes_on_val_and_predicts(tmp_path):
     report = json.loads((run / "report.json").read_text())
     settings = report["settings"]
     assert settings["context_slices"] == 1 and settings["blend_mode"] == "gaussian"
-    assert settings["threshold"] == settings["tuned_on_val"]["threshold"]
+    # the threshold chosen on val, on the scale of the temperature fitted with it
+    tuned = settings["tuned_on_val"]
+    assert settings["threshold"] == tuned["threshold_calibrated"]
+    assert tuned["threshold_calibrated"] == calibrated_threshold(
+        tuned["threshold"], settings["temperature"]
+    )
     best = next((run / "checkpoints").glob("best-*.ckpt"))
     checkpoint = torch.load(best, weights_only=True, map_location="cpu")
     assert checkpoint["ichseg"]["input"]["context_slices"] == 1
     assert checkpoint["ichseg"]["net"]["in_channels"] == 9
     # the operating point chosen on val is stored with the model, and report.json names the file
     stored = checkpoint["ichseg"]["inference"]
-    assert stored["threshold"] == settings["tuned_on_val"]["threshold"]
+    assert stored["threshold"] == tuned["threshold_calibrated"]
+    assert stored["temperature"] == settings["temperature"] == report["calibration"]["temperature"]
     assert stored["postprocess"] == settings["tuned_on_val"]["postprocess"]
     assert stored["blend"] == "gaussian"
     assert checkpoint["ichseg"]["operating_point"]["source"] == "tuned on val"
@@ -118,7 +125,7 @@ def test_windowed_plus_trains_tunes_on_val_and_predicts(tmp_path):
     assert not any(key.startswith("loss.") for key in checkpoint["state_dict"])
     predictor = load_predictor(best, device="cpu")
     assert predictor.input_spec.in_channels == 9
-    assert predictor.inference_spec.threshold == settings["tuned_on_val"]["threshold"]
+    assert predictor.inference_spec.threshold == tuned["threshold_calibrated"]
     hu = np.zeros((64, 64, 5), dtype=np.int16)
     probabilities, mask = predictor.predict_hu(hu)
     assert probabilities.shape == mask.shape == (64, 64, 5)

@@ -192,6 +192,43 @@ def test_folds_tuned_on_val_merge_each_at_its_own_operating_point(tmp_path):
         rep.merge_folds([a, d])
 
 
+def test_calibrated_folds_each_with_a_column_of_its_own_merge(tmp_path):
+    """A calibrated fold scores its tuned threshold mapped to the calibrated scale (0.43, 0.61):
+    a column only it has. The merge keeps the shared columns for Table 6 and scores each fold at
+    its own."""
+
+    def calibrated_fold(directory: Path, patients: list[int], fold: int, own: float,
+                        like: float) -> Path:  # fmt: skip
+        base = hand_counts(patients)
+        column = base.column(like)
+        counts = SliceCounts(
+            base.patient, base.slice_index, (*base.thresholds, own), base.gt_pixels,
+            np.c_[base.pred_pixels, base.pred_pixels[:, column]],
+            np.c_[base.intersection, base.intersection[:, column]], base.voxel_ml,
+        )  # fmt: skip
+        settings = {**SETTINGS, **tuned(own, True), "thresholds": sorted([0.5, 0.9, own]),
+                    "temperature": 1.5 + fold}  # fmt: skip
+        rep.write_report(directory, FoldResult(counts, info(patients), settings, "test", fold, 5))
+        return directory
+
+    a = calibrated_fold(tmp_path / "a", [49, 50], 0, 0.43, 0.5)
+    b = calibrated_fold(tmp_path / "b", [51, 52, 53], 1, 0.61, 0.9)
+    merged = rep.merge_folds([a, b])
+    per_patient = np.concatenate([
+        patient_metrics(hand_counts([49, 50]), 0.5, 0.0).dice,
+        patient_metrics(hand_counts([51, 52, 53]), 0.9, 0.0).dice,
+    ])  # fmt: skip
+    assert merged.tables.segmentation.dice.mean == pytest.approx(np.nanmean(per_patient))
+    assert [row.threshold for row in merged.tables.detection] == [0.5, 0.9]
+    assert merged.counts.thresholds.tolist() == [0.5, 0.9]
+    assert merged.settings["thresholds"] == [0.5, 0.9] and merged.settings["temperature"] is None
+    assert [c["threshold"] for c in merged.settings["tuned_on_val"]["per_fold"]] == [0.43, 0.61]
+    # other thresholds still have to agree
+    c = write_fold(tmp_path / "c", [54], fold=2, **tuned(0.5, True), thresholds=[0.5, 0.7])
+    with pytest.raises(ReportError, match="different thresholds"):
+        rep.merge_folds([a, c])
+
+
 # --------------------------------------------------------------------------- the CLI
 
 

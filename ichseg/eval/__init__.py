@@ -8,6 +8,8 @@ reports, without Lightning or Hydra (docs/evaluation.md).
 * :mod:`ichseg.eval.scoring`, :mod:`ichseg.eval.tuning`, :mod:`ichseg.eval.gallery`: scoring
   scans (what it needs of the data: :class:`~ichseg.eval.scoring.EvaluationData`), choosing the
   operating point on val, the best / worst slices.
+* :mod:`ichseg.eval.calibration`: temperature scaling, the calibration error, the reliability
+  diagram.
 * :mod:`ichseg.eval.markdown`, :mod:`ichseg.eval.report`, :mod:`ichseg.eval.cv`: rows and
   markdown, the report files of one evaluation, the cross-validation report.
 
@@ -20,8 +22,8 @@ import importlib
 from types import ModuleType
 
 __all__ = [
-    "counts", "cv", "gallery", "markdown", "metrics", "postprocess", "report", "scoring", "stitch",
-    "tables", "tuning", "volumes",
+    "calibration", "counts", "cv", "gallery", "markdown", "metrics", "postprocess", "report",
+    "scoring", "stitch", "tables", "tuning", "volumes",
 ]  # fmt: skip
 
 

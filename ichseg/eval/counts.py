@@ -127,6 +127,30 @@ class SliceCounts:
             self.area_scale[rows],
         )
 
+    def at_thresholds(self, thresholds: Sequence[float]) -> SliceCounts:
+        """The same slices with only the columns of ``thresholds`` (each must be scored)."""
+        columns = [self.column(t) for t in thresholds]
+        return SliceCounts(
+            self.patient,
+            self.slice_index,
+            self.thresholds[columns],
+            self.gt_pixels,
+            self.pred_pixels[:, columns],
+            self.intersection[:, columns],
+            self.voxel_ml,
+            self.area_scale,
+        )
+
+    @staticmethod
+    def shared_thresholds(parts: Iterable[SliceCounts]) -> list[float]:
+        """The thresholds every part was scored at (e.g. folds whose own calibrated operating
+        point adds a column of its own), in order."""
+        parts = list(parts)
+        shared = [float(t) for t in parts[0].thresholds] if parts else []
+        for part in parts[1:]:
+            shared = [t for t in shared if np.isclose(part.thresholds, t, rtol=0, atol=1e-9).any()]
+        return shared
+
     def deduplicate(self) -> SliceCounts:
         """One row per ``(patient, slice)``, the first seen (DDP padding repeats samples).
 

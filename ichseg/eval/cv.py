@@ -7,6 +7,7 @@ paper reports them, plus one summary row per fold (:func:`merge_folds`), and wri
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections.abc import Sequence
@@ -207,8 +208,9 @@ def merge_folds(run_dirs: Sequence[str | os.PathLike[str]]) -> CrossValidationRe
     first = results[0]
     tuned = check_alike(results)
     owner = patient_owners(results)
+    shared = SliceCounts.shared_thresholds(r.counts for r in results)
     try:
-        counts = SliceCounts.concatenate([r.counts for r in results]).sorted()
+        counts = SliceCounts.concatenate([r.counts.at_thresholds(shared) for r in results]).sorted()
     except ConfigError as err:
         raise ReportError(f"{first.directory}: {err}", first.directory) from None
     patients: dict[int, PatientInfo] = {}
@@ -245,9 +247,19 @@ def check_alike(results: Sequence[FoldResult]) -> bool:
     keys = MERGE_KEYS
     if all(tuned):  # each fold's own threshold and post-processing
         keys = tuple(k for k in MERGE_KEYS if k not in ("threshold", "postprocess"))
+
+    own = [r.threshold for r in results] if all(tuned) else []
+
+    def setting(result: FoldResult, key: str) -> Any:
+        value = json_safe(result.settings.get(key))
+        if own and key == "thresholds" and isinstance(value, list):
+            # each fold's own (calibrated) operating point may add a column of its own
+            value = [t for t in value if not any(math.isclose(t, o, abs_tol=1e-9) for o in own)]
+        return value
+
     for result in results[1:]:
         for key in keys:
-            if json_safe(result.settings.get(key)) != json_safe(first.settings.get(key)):
+            if setting(result, key) != setting(first, key):
                 raise ReportError(
                     f"{result.directory} and {first.directory} were evaluated with different "
                     f"{key} ({result.settings.get(key)} vs {first.settings.get(key)}); "
@@ -291,6 +303,9 @@ def merged_tables(
     )
     settings["threshold"] = None
     settings["postprocess"] = None
+    settings["thresholds"] = [float(t) for t in counts.thresholds]
+    if "temperature" in settings:
+        settings["temperature"] = None  # each fold's own (report.json of each fold)
     settings["tuned_on_val"] = {
         "per_fold": [
             {"fold": r.fold, **{k: r.settings["tuned_on_val"].get(k)

@@ -257,6 +257,12 @@ def settings_lines(settings: Mapping[str, Any]) -> list[str]:
             )
         else:
             lines.append("- post-processing: threshold only (no morphology)")
+    temperature = settings.get("temperature")
+    if temperature is not None and float(temperature) != 1.0:
+        lines.append(
+            f"- probabilities calibrated by temperature T = {float(temperature):.4g}: every "
+            "threshold (Tables 5 and 6) is on the calibrated scale"
+        )
     if "mode" in settings:
         if settings["mode"] == "full_slice":
             lines.append("- inference: whole slices (no stitching)")
@@ -295,6 +301,51 @@ def settings_lines(settings: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def _ece(value: Any) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return DASH
+    return f"{float(value):.5f}"
+
+
+def calibration_lines(calibration: Mapping[str, Any]) -> list[str]:
+    """The "Calibration" section: the temperature and where it was fitted, the expected
+    calibration error before -> after on the scored split (and on val), the reliability diagram."""
+    temperature = float(calibration.get("temperature", 1.0))
+    split = calibration.get("split", "test")
+    bins = calibration.get("bins", 15)
+    fit = calibration.get("fit")
+    lines = []
+    if isinstance(fit, Mapping) and fit.get("calibrated", True):
+        lines.append(
+            f"- temperature T = {temperature:.4g}, fitted on {int(fit.get('pixels', 0)):,} val "
+            "pixels (a seeded sample) by minimising the BCE of sigmoid(logit(p) / T); every "
+            "probability and threshold of this report is on the calibrated scale (the threshold "
+            f"tuned on val, {fit.get('threshold_uncalibrated', 0.5):g} uncalibrated, is "
+            f"{fit.get('threshold', 0.5):.4g}): the masks are those of the uncalibrated model"
+        )
+    elif temperature != 1.0:
+        lines.append(f"- temperature T = {temperature:.4g}, as configured (not fitted here)")
+    else:
+        lines.append("- not calibrated (T = 1): the network's own probabilities")
+    lines.append(
+        f"- expected calibration error ({bins} bins, pixels), before -> after: {split} "
+        f"{_ece(calibration.get('ece_before'))} -> {_ece(calibration.get('ece_after'))} "
+        f"({int(calibration.get('pixels', 0)):,} pixels, a seeded sample)"
+    )
+    if isinstance(fit, Mapping) and split != "val":
+        lines.append(
+            f"- on val (where T was fitted): {_ece(fit.get('ece_before'))} -> "
+            f"{_ece(fit.get('ece_after'))} ({int(fit.get('pixels', 0)):,} pixels)"
+        )
+    diagram = calibration.get("diagram")
+    if diagram:
+        lines += [
+            "",
+            f"![reliability diagram: fraction of ICH pixels by probability bin]({diagram})",
+        ]
+    return lines
+
+
 #: The first line under the title of every report on a phantom (``settings["synthetic"]``).
 SYNTHETIC_BANNER = (
     "> **Synthetic data.** These numbers come from a generated phantom (ichseg.data.phantom), not "
@@ -310,9 +361,11 @@ def tables_markdown(
     patients: Mapping[int, PatientInfo] | None = None,
     preamble: Sequence[str] = (),
     per_patient: bool = True,
+    calibration: Mapping[str, Any] | None = None,
 ) -> str:
     """Every table as markdown, each with the paper's numbers as a reference column; a report on
-    synthetic data (``settings["synthetic"]``) opens with :data:`SYNTHETIC_BANNER`."""
+    synthetic data (``settings["synthetic"]``) opens with :data:`SYNTHETIC_BANNER`; with
+    ``calibration`` (``report.json``'s) a "Calibration" section (:func:`calibration_lines`)."""
     parts = [f"# {title}", ""]
     if settings and settings.get("synthetic"):
         parts += [SYNTHETIC_BANNER, ""]
@@ -336,6 +389,8 @@ def tables_markdown(
     if tables.age_dice:
         parts += ["", "## Dice by age", "", _group_markdown(age_rows(tables), "age (years)")]
     parts += ["", "## Beyond the paper: volumes", "", _volume_markdown(tables)]
+    if calibration:
+        parts += ["", "## Calibration", "", *calibration_lines(calibration)]
     if per_patient:
         parts += ["", "## Per patient", "", _patients_markdown(tables, patients)]
     return "\n".join(parts) + "\n"

@@ -166,6 +166,9 @@ class FoldResult:
     k: int | None = None
     directory: Path | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    #: ECE before / after calibration and the reliability diagram's file (``report.json``'s
+    #: ``calibration``), or None.
+    calibration: dict[str, Any] | None = None
 
     @property
     def threshold(self) -> float:
@@ -207,6 +210,7 @@ def write_report(
         "patient_info": {str(p): result.patients[p].to_dict() for p in patients},
         "n_slices": len(result.counts),
         **result.extra,
+        **({} if result.calibration is None else {"calibration": result.calibration}),
         "tables": tables.to_dict(),
         "paper": {
             "table5": PAPER_TABLE5,
@@ -226,7 +230,9 @@ def write_report(
     result.counts.save(paths["counts"])
     columns = slice_table(result.counts, result.threshold, result.min_area, slice_flags)
     atomic_write_text(paths["csv"], slices_csv(columns))
-    markdown = tables_markdown(tables, title, result.settings, result.patients, preamble)
+    markdown = tables_markdown(
+        tables, title, result.settings, result.patients, preamble, calibration=result.calibration
+    )
     atomic_write_text(paths["md"], markdown)
     atomic_write_text(paths["json"], dumps_json(document))  # last: marks the set complete
     return paths
@@ -267,6 +273,7 @@ def load_fold(directory: str | os.PathLike[str]) -> FoldResult:
         fold=document.get("fold"),
         k=document.get("k"),
         directory=directory,
+        calibration=document.get("calibration"),
     )
 
 

@@ -16,6 +16,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from ichseg.errors import ConfigError, DatasetError
+from ichseg.eval.calibration import PixelSample
 from ichseg.eval.counts import SliceCounts, score_probabilities
 from ichseg.eval.gallery import OverlayGallery, offer_scan
 from ichseg.eval.metrics import SUBTYPE_NAMES
@@ -219,6 +220,7 @@ def score_scan(
     gallery: OverlayGallery | None = None,
     mask_dir: Path | None = None,
     progress: Any = None,
+    pixels: PixelSample | None = None,
 ) -> ShardResult:
     """Predict every slice of one :class:`~ichseg.data.datamodule.EvalScan` and count it at
     every threshold with the predictor's post-processing.
@@ -226,10 +228,13 @@ def score_scan(
     Returns the slice counts (slices numbered from 1, as in the label CSV), the patient's facts
     and per-slice label flags; offers the patient's best / worst ICH slices (at the predictor's
     threshold) to ``gallery``; with ``mask_dir`` writes the mask at that threshold
-    (:func:`save_scan_mask`).
+    (:func:`save_scan_mask`); adds a seeded sample of its probabilities and ground truth to
+    ``pixels`` (calibration, from the same pass).
     """
     config = predictor.inference_spec.postprocess_config()
     native = scan_probabilities(predictor, scan, progress)  # (N, H, W) float32 numpy
+    if pixels is not None:
+        pixels.add(scan.patient_id, native, _truth(scan))
     (result,) = _scan_results(native, scan, predictor, thresholds, [config])
     if mask_dir is not None:
         save_scan_mask(scan, predictor.mask(native), mask_dir)
@@ -245,9 +250,13 @@ def score_scans(
     gallery: OverlayGallery | None = None,
     mask_dir: Path | None = None,
     progress: Any = None,
+    pixels: PixelSample | None = None,
 ) -> ShardResult:
     """:func:`score_scan` for each scan in turn (one patient in memory at a time), merged."""
-    parts = [score_scan(predictor, scan, thresholds, gallery, mask_dir, progress) for scan in scans]
+    parts = [
+        score_scan(predictor, scan, thresholds, gallery, mask_dir, progress, pixels)
+        for scan in scans
+    ]
     return merge_shards(parts) if parts else ShardResult.empty(thresholds)
 
 
@@ -257,14 +266,17 @@ def score_scans_variants(
     thresholds: Sequence[float],
     configs: Sequence[PostprocessConfig],
     progress: Any = None,
+    pixels: PixelSample | None = None,
 ) -> list[ShardResult]:
     """Each scan predicted ONCE and counted under each post-processing of ``configs`` (each at
-    every threshold): one merged :class:`ShardResult` per config."""
-    per_scan = [
-        _scan_results(scan_probabilities(predictor, scan, progress), scan, predictor, thresholds,
-                      configs)
-        for scan in scans
-    ]  # fmt: skip
+    every threshold): one merged :class:`ShardResult` per config; a seeded sample of each scan's
+    probabilities and ground truth goes into ``pixels``."""
+    per_scan = []
+    for scan in scans:
+        native = scan_probabilities(predictor, scan, progress)
+        if pixels is not None:
+            pixels.add(scan.patient_id, native, _truth(scan))
+        per_scan.append(_scan_results(native, scan, predictor, thresholds, configs))
     if not per_scan:
         return [ShardResult.empty(thresholds) for _ in configs]
     return [merge_shards([parts[i] for parts in per_scan]) for i in range(len(configs))]
@@ -298,6 +310,8 @@ def report_settings(
         "context_slices": data.context_slices,
         "input": data.to_dict(),
         "inference": spec.to_dict(),
+        # every probability and threshold of the report is on this temperature's scale
+        "temperature": spec.temperature,
     }
 
 

@@ -144,12 +144,13 @@ def operating_point_tables(
 ) -> EvaluationTables:
     """All tables of several evaluations (e.g. test folds) each at ITS OWN threshold.
 
-    ``parts`` holds ``(counts, threshold)`` per evaluation (disjoint patients, the same threshold
-    columns), e.g. folds whose operating point was chosen on their own validation split. Table 5,
-    the per-patient, subtype, age and volume tables use each part's counts at its threshold
+    ``parts`` holds ``(counts, threshold)`` per evaluation (disjoint patients; threshold columns
+    alike but for each part's own, as with a calibrated operating point), e.g. folds whose
+    operating point was chosen on their own validation split. Table 5, the per-patient,
+    subtype, age and volume tables use each part's counts at its threshold
     (their ``threshold`` is NaN when the parts differ); the pooled detection of Table 5 sums the
     parts' confusion counts at their thresholds; Table 6 is computed over all parts at every
-    threshold of the counts.
+    threshold the parts share.
     """
     if not parts:
         raise ConfigError("no evaluations to combine")
@@ -169,7 +170,8 @@ def operating_point_tables(
         specificity=Summary.of(per_patient.specificity),
         pooled=pooled,
     )
-    merged = SliceCounts.concatenate([counts for counts, _ in parts])
+    shared = SliceCounts.shared_thresholds(counts for counts, _ in parts)
+    merged = SliceCounts.concatenate([counts.at_thresholds(shared) for counts, _ in parts])
     detection = detection_table(merged, None, min_area)
     return assemble_tables(segmentation, detection, per_patient, patient_subtypes, ages)
 

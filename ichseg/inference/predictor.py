@@ -5,7 +5,7 @@ scan's own grid and a mask.
 
     HU (H, W, N) -> CT windows as uint8 channels -> working size (N, C, S, S)   working_slices
       -> tiles through the network, blended, or whole slices (N, S, S)   working_probabilities
-      -> back to the scan's grid (N, H, W)                                       probabilities
+      -> back to the scan's grid (N, H, W), temperature-scaled                  probabilities
       -> threshold, closing / opening scaled to the grid (N, H, W) bool                   mask
 
 The stitched evaluation feeds it the working-size slices of its slice store (built by the same
@@ -25,6 +25,7 @@ import torch
 
 from ichseg.data.windowing import stack_windows, to_working_size
 from ichseg.errors import IchsegError
+from ichseg.eval.calibration import apply_temperature
 from ichseg.eval.postprocess import grid_scale, postprocess_thresholds
 from ichseg.inference.stitch import full_slice, stitch, to_original_grid
 from ichseg.specs import InferenceSpec, InputSpec
@@ -149,11 +150,13 @@ class Predictor:
         self, slices: np.ndarray, shape: Sequence[int], progress: Any = None
     ) -> np.ndarray:
         """``(N, H, W)`` float32 probabilities on the scan's in-plane grid ``shape`` (H, W) from
-        its working slices ``(N, C, S, S)``."""
+        its working slices ``(N, C, S, S)``, scaled by the spec's ``temperature`` (when not 1)."""
         working = self.working_probabilities(slices, progress)
-        return to_original_grid(
+        native = to_original_grid(
             working, (int(shape[0]), int(shape[1])), self.input_spec.working_mode
         )
+        temperature = self.inference_spec.temperature
+        return native if temperature == 1.0 else apply_temperature(native, temperature)
 
     def scale(self, shape: Sequence[int]) -> tuple[float, float]:
         """Pixels of the scan's ``(H, W)`` grid per pixel of ``reference_size`` slices: the scale

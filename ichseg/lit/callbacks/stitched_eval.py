@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,18 @@ import pytorch_lightning as pl
 import torch
 
 from ichseg.errors import ConfigError
+from ichseg.eval.calibration import (
+    CALIBRATION_BINS,
+    PixelSample,
+    apply_temperature,
+    calibrated_threshold,
+    calibration_summary,
+    expected_calibration_error,
+    fit_temperature,
+    image_tensor,
+    reliability_diagram,
+    save_png,
+)
 from ichseg.eval.counts import DEFAULT_THRESHOLDS
 from ichseg.eval.gallery import OverlayGallery
 from ichseg.eval.markdown import tables_markdown
@@ -159,6 +172,13 @@ class StitchedEvaluation(pl.Callback):
         tune_thresholds: the thresholds tried on val (default 0.3 ... 0.7).
         save_masks: also write each scored patient's mask (at the operating point, in the scan's
             space) as ``masks/<patient>_ich_seg.nii.gz`` beside the report (test time only).
+        calibrate: with ``tune_on_val``, also fit a temperature ``T`` on a seeded pixel sample
+            of the same val pass (:func:`~ichseg.eval.calibration.fit_temperature`) and store it
+            in the spec (``inference.temperature``) with the tuned threshold mapped to the
+            calibrated scale, so that the masks stay those chosen; every split is then scored
+            with calibrated probabilities (Table 6's thresholds included). False: the configured
+            temperature is kept. Every written report states the ECE before / after on its split
+            and draws ``reliability.png``.
     """
 
     def __init__(
@@ -174,6 +194,7 @@ class StitchedEvaluation(pl.Callback):
         tune_on_val: bool = False,
         tune_thresholds: Sequence[float] = TUNE_THRESHOLDS,
         save_masks: bool = False,
+        calibrate: bool = True,
     ) -> None:
         super().__init__()
         self.splits = tuple(str(s) for s in ([splits] if isinstance(splits, str) else splits))
@@ -202,12 +223,19 @@ class StitchedEvaluation(pl.Callback):
         self.tune_on_val = bool(tune_on_val)
         self.tune_thresholds = tuple(sorted(set(tune_levels)))
         self.save_masks = bool(save_masks)
+        self.calibrate = bool(calibrate)
         #: The last evaluation of each split: ``{split: (ShardResult, EvaluationTables)}``.
         self.results: dict[str, tuple[ShardResult, EvaluationTables]] = {}
         #: The last choice made on val (``tune_on_val``), or None.
         self.tuning: TuningChoice | None = None
         #: The checkpoint the last tuned operating point was written into, or None.
         self.operating_point_file: Path | None = None
+        #: The temperature fitted on val at the last tuning (``tune_on_val``), or None:
+        #: ``{"split", "temperature", "pixels", "bins", "ece_before", "ece_after", ...}``.
+        self.calibration: dict[str, Any] | None = None
+        #: The calibration summary of each split's last written report.
+        self.calibration_reports: dict[str, dict[str, Any]] = {}
+        self._tuning_pixels: PixelSample | None = None
         self._applied: InferenceSpec | None = None
         self._gallery: OverlayGallery | None = None
         self._window_metrics: bool | None = None
@@ -243,15 +271,24 @@ class StitchedEvaluation(pl.Callback):
 
     def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.operating_point_file = None
+        self.calibration = None
+        self.calibration_reports = {}
         if self.tune_on_val:
             self.tuning = self.tune(trainer, pl_module)
             choice = self.tuning
-            self._applied = self.inference.with_operating_point(choice.threshold,
-                                                                choice.postprocess)  # fmt: skip
-            for name, value in (("threshold", choice.threshold),
-                                ("postprocess", float(choice.postprocess)),
-                                ("dice", choice.dice)):  # fmt: skip
-                pl_module.log(f"val/tuned_{name}", value, on_step=False, on_epoch=True,
+            self.calibration = self.fit_calibration(choice)
+            temperature = self.calibration["fitted_temperature"]
+            self._applied = replace(
+                self.inference.with_operating_point(
+                    calibrated_threshold(choice.threshold, temperature), choice.postprocess
+                ),
+                temperature=self.calibration["temperature"],
+            )
+            for name, value in (("tuned_threshold", choice.threshold),
+                                ("tuned_postprocess", float(choice.postprocess)),
+                                ("tuned_dice", choice.dice),
+                                ("temperature", self.calibration["temperature"])):  # fmt: skip
+                pl_module.log(f"val/{name}", value, on_step=False, on_epoch=True,
                               sync_dist=False)  # fmt: skip
             self._store_operating_point(trainer, pl_module, self._applied, choice)
         try:
@@ -283,18 +320,44 @@ class StitchedEvaluation(pl.Callback):
         spec = self.inference
         variants = tuning_variants(spec)
         predictor = self.predictor(trainer, pl_module, spec)
-        gathered = self._score_split(
-            trainer, pl_module, "val",
-            lambda scans, progress: score_scans_variants(predictor, scans, self.tune_thresholds,
-                                                         list(variants.values()), progress),
-        )  # fmt: skip
+
+        def score(scans: Iterator[Any], progress: EvaluationProgress) -> Any:
+            pixels = PixelSample()
+            results = score_scans_variants(predictor, scans, self.tune_thresholds,
+                                           list(variants.values()), progress, pixels)  # fmt: skip
+            return results, pixels
+
+        gathered = self._score_split(trainer, pl_module, "val", score)
         merged = {
-            enabled: merge_shards([parts[i] for parts in gathered])
+            enabled: merge_shards([parts[i] for parts, _ in gathered])
             for i, enabled in enumerate(variants)
         }
+        self._tuning_pixels = PixelSample().merge(pixels for _, pixels in gathered)
         return choose_on_validation(
             merged, self.tune_thresholds, spec.threshold, has_morphology(spec), self.min_area
         )
+
+    def fit_calibration(self, choice: TuningChoice) -> dict[str, Any]:
+        """The temperature fitted on the val pixels sampled while tuning (1 without
+        ``calibrate``), on top of the configured one, and the val ECE before / after it."""
+        sample = self._tuning_pixels if self._tuning_pixels is not None else PixelSample()
+        probabilities, targets = sample.arrays()
+        fitted = fit_temperature(probabilities, targets) if self.calibrate else 1.0
+        bins = CALIBRATION_BINS
+        return {
+            "split": "val",
+            "calibrated": self.calibrate,
+            "temperature": self.inference.temperature * fitted,
+            "fitted_temperature": fitted,
+            "pixels": int(probabilities.size),
+            "bins": bins,
+            "ece_before": expected_calibration_error(probabilities, targets, bins),
+            "ece_after": expected_calibration_error(
+                apply_temperature(probabilities, fitted), targets, bins
+            ),
+            "threshold_uncalibrated": choice.threshold,
+            "threshold": calibrated_threshold(choice.threshold, fitted),
+        }
 
     def _score_split(
         self,
@@ -339,6 +402,10 @@ class StitchedEvaluation(pl.Callback):
             "fallback": choice.fallback,
             "patients": list(choice.patients),
         }
+        if self.calibration is not None:
+            record["temperature"] = spec.temperature
+            record["threshold_uncalibrated"] = choice.threshold
+            record["calibration_pixels"] = self.calibration["pixels"]
         meta = getattr(pl_module, "meta", None)
         if isinstance(meta, dict) and meta:
             meta["inference"] = spec.to_dict()
@@ -366,6 +433,8 @@ class StitchedEvaluation(pl.Callback):
         settings = report_settings(predictor, thresholds, self.min_area)
         if self._applied is not None and self.tuning is not None:
             settings["tuned_on_val"] = self.tuning.to_dict()
+            if self.calibration is not None:
+                settings["tuned_on_val"]["threshold_calibrated"] = self.calibration["threshold"]
         if self.operating_point_file is not None:
             settings["operating_point_file"] = str(self.operating_point_file)
         return settings
@@ -378,18 +447,24 @@ class StitchedEvaluation(pl.Callback):
         predictor: Predictor,
         thresholds: Sequence[float],
         mask_dir: Path | None = None,
+        pixels: PixelSample | None = None,
     ) -> ShardResult:
-        """Score this rank's share of ``split`` and merge all ranks' results (on every rank)."""
+        """Score this rank's share of ``split`` and merge all ranks' results (on every rank);
+        with ``pixels``, every rank's pixel sample of the same pass is merged into it."""
         use_gallery = self.n_overlays > 0 and self._has_tensorboard(trainer)
         gallery = OverlayGallery(self.n_overlays if use_gallery else 0)
+        local = None if pixels is None else PixelSample(pixels.per_scan, pixels.seed)
         gathered = self._score_split(
             trainer, pl_module, split,
             lambda scans, progress: (
-                score_scans(predictor, scans, thresholds, gallery, mask_dir, progress), gallery
+                score_scans(predictor, scans, thresholds, gallery, mask_dir, progress, local),
+                gallery, local,
             ),
         )  # fmt: skip
-        merged = merge_shards([part for part, _ in gathered])
-        gallery.merge(g for _, g in gathered)
+        merged = merge_shards([part for part, _, _ in gathered])
+        gallery.merge(g for _, g, _ in gathered)
+        if pixels is not None:
+            pixels.merge(p for _, _, p in gathered)
         self._gallery = gallery
         return merged
 
@@ -403,7 +478,8 @@ class StitchedEvaluation(pl.Callback):
         root = Path(self.output_dir or trainer.default_root_dir)
         directory = root if split == "test" else root / split
         mask_dir = directory / "masks" if write and self.save_masks else None
-        merged = self.evaluate(trainer, pl_module, split, predictor, thresholds, mask_dir)
+        pixels = PixelSample() if write else None
+        merged = self.evaluate(trainer, pl_module, split, predictor, thresholds, mask_dir, pixels)
         threshold = spec.threshold
         tables = compute_tables(merged.counts, merged.patients, threshold, self.min_area)
         self.results[split] = (merged, tables)
@@ -418,6 +494,11 @@ class StitchedEvaluation(pl.Callback):
         fold = datamodule.fold
         epoch, step = checkpoint_position(trainer, pl_module)
         title = f"Stitched evaluation: fold {fold}, {split} split, epoch {epoch}"
+        calibration, diagram = None, None
+        if pixels is not None:
+            calibration, diagram = self._calibration_report(pixels, spec, split)
+            self.calibration_reports[split] = calibration
+            save_png(diagram, directory / calibration["diagram"])
         if write:
             result = FoldResult(
                 counts=merged.counts,
@@ -432,9 +513,35 @@ class StitchedEvaluation(pl.Callback):
                     "checkpoint": json_safe(getattr(trainer, "ckpt_path", None)),
                     "release": datamodule.dataset.release,
                 },
+                calibration=calibration,
             )
             write_report(directory, result, merged.slice_flags, tables, title)
-        self._log_tensorboard(trainer, split, tables, merged, settings, title)
+        self._log_tensorboard(trainer, split, tables, merged, settings, title, calibration,
+                              diagram)  # fmt: skip
+
+    def _calibration_report(
+        self, pixels: PixelSample, spec: InferenceSpec, split: str
+    ) -> tuple[dict[str, Any], Any]:
+        """The ECE before / after the spec's temperature on ``split``'s pixel sample (the
+        predictor's calibrated probabilities; before: the temperature undone), the val fit, and
+        the reliability diagram."""
+        probabilities, targets = pixels.arrays()
+        temperature = spec.temperature
+        summary = calibration_summary(probabilities, targets, temperature, CALIBRATION_BINS)
+        summary["split"] = split
+        summary["diagram"] = "reliability.png"
+        if self.calibration is not None:
+            summary["fit"] = {
+                k: v for k, v in self.calibration.items() if k != "fitted_temperature"
+            }
+        title = f"Reliability: {split} pixels"
+        if temperature == 1.0:
+            diagram = reliability_diagram(probabilities, None, targets, title=title)
+        else:
+            raw = apply_temperature(probabilities, 1.0 / temperature)
+            diagram = reliability_diagram(raw, probabilities, targets, CALIBRATION_BINS,
+                                          temperature, title=title)  # fmt: skip
+        return summary, diagram
 
     # ------------------------------------------------------------------ TensorBoard
 
@@ -462,14 +569,19 @@ class StitchedEvaluation(pl.Callback):
         merged: ShardResult,
         settings: Mapping[str, Any],
         title: str,
+        calibration: Mapping[str, Any] | None = None,
+        diagram: Any = None,
     ) -> None:
         writer = self._tensorboard(trainer)
         if writer is None:
             return
         step = trainer.global_step
         if self.log_tables:
-            markdown = tables_markdown(tables, title, settings, merged.patients)
+            markdown = tables_markdown(tables, title, settings, merged.patients,
+                                       calibration=calibration)  # fmt: skip
             writer.add_text(f"{split}/stitched_report", markdown, step)
+        if diagram is not None:
+            writer.add_image(f"{split}/reliability", image_tensor(diagram), step)
         gallery = self._gallery
         if gallery is None:
             return
