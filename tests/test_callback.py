@@ -622,7 +622,7 @@ def test_tune_on_val_fits_a_temperature_and_the_masks_stay_the_same(datamodules,
     assert modules[True].meta["operating_point"]["threshold_uncalibrated"] == on.tuning.threshold
     # every test mask is the same with and without calibration
     folder = {c: tmp_path / f"calibrate-{c}" for c in (True, False)}
-    names = sorted(p.name for p in (folder[True] / "masks").glob("*_ich.nii.gz"))
+    names = sorted(p.name for p in (folder[True] / "masks").glob("*_ich_seg.nii.gz"))
     assert names and names == sorted(p.name for p in (folder[False] / "masks").glob("*"))
     import nibabel as nib
 

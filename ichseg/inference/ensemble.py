@@ -73,7 +73,8 @@ def combined_spec(specs: Sequence[InferenceSpec], names: Sequence[str]) -> Infer
                 )
     threshold = float(statistics.median(spec.threshold for spec in specs))
     postprocess = 2 * sum(spec.postprocess for spec in specs) >= len(specs)
-    return first.updated({"threshold": threshold, "postprocess": postprocess})
+    # each member applies its own temperature; their mean is not rescaled again
+    return first.updated({"threshold": threshold, "postprocess": postprocess, "temperature": 1.0})
 
 
 def check_input_specs(specs: Sequence[InputSpec], names: Sequence[str]) -> None:
