@@ -5,71 +5,61 @@ The library half of ``python -m ichseg.predict`` (its command line is :mod:`ichs
 several of them as one :class:`~ichseg.inference.ensemble.Ensemble`), :func:`predict_files` writes
 ``<name>_ich_seg.nii.gz`` (and the optional files of :class:`OutputOptions`) and ``volumes.csv``
 atomically, one scan after another; each scan is brought to the model's orientation first
-(:mod:`ichseg.io.orientation`) and its outputs written in its own space. See docs/predict.md.
+(:mod:`ichseg.io.orientation`) and its outputs written in its own space. The output names and
+tables are :mod:`ichseg.inference.results`, the checkpoints and ``predict.json``
+:mod:`ichseg.inference.provenance`; their names are importable from here too. See docs/predict.md.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import os
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from scipy import ndimage
 
 from ichseg.checkpoint import TrainedModel, load_model
 from ichseg.data.ctich import find_release
-from ichseg.errors import ConfigError, DatasetError, IchsegError, first_line
+from ichseg.errors import ConfigError, DatasetError, IchsegError
 from ichseg.inference.ensemble import Ensemble
 from ichseg.inference.predictor import Predictor
+from ichseg.inference.provenance import (  # noqa: F401  (the public names of prediction)
+    BEST_PATTERN,
+    PROVENANCE_FILE,
+    PROVENANCE_FORMAT,
+    check_provenance,
+    file_sha256,
+    resolve_checkpoints,
+    write_provenance,
+)
+from ichseg.inference.results import (  # noqa: F401
+    LEGACY_VOLUME_COLUMNS,
+    MASK_SUFFIX,
+    OUTPUT_SUFFIXES,
+    PROBABILITY_SUFFIX,
+    QA_FOLDER,
+    QA_INDEX,
+    UNCERTAINTY_SUFFIX,
+    VOLUME_COLUMNS,
+    VOLUMES_FILE,
+    OutputOptions,
+    ScanInput,
+    ScanResult,
+    VolumeStats,
+    check_output,
+    check_replaceable,
+    check_replaceable_seg,
+    prepare_output,
+    read_volumes,
+    volume_stats,
+    write_qa_index,
+    write_volumes,
+)
 from ichseg.io.nifti import nifti_stem, read_ct, save_like, spacing_volume_ml, voxel_spacing_mm
 from ichseg.io.orientation import CTICH_ORIENTATION, Reorientation, reorientation
-from ichseg.utils.atomic import atomic_write_text
-
-#: ``<name>_ich_seg.nii.gz``: 3D Slicer loads a file named with ``_seg`` as a label map.
-MASK_SUFFIX = "_ich_seg"
-PROBABILITY_SUFFIX = "_prob"
-UNCERTAINTY_SUFFIX = "_uncertainty"
-#: The folder of the QA report (``qa/index.html`` and a ``<name>.png`` sheet per scan).
-QA_FOLDER = "qa"
-QA_INDEX = "index.html"
-#: Name endings of files predictions write (this version's and earlier ones' ``_ich``): skipped
-#: when such files are found in an input folder.
-OUTPUT_SUFFIXES: tuple[str, ...] = ("_ich", MASK_SUFFIX, PROBABILITY_SUFFIX, UNCERTAINTY_SUFFIX)
-VOLUMES_FILE = "volumes.csv"
-#: The provenance of a prediction run (:func:`write_provenance`).
-PROVENANCE_FILE = "predict.json"
-PROVENANCE_FORMAT = "ichseg-predict"
-#: The checkpoint of a training run folder that ``ckpt=<folder>`` takes: its tested (best) one.
-BEST_PATTERN = "best*.ckpt"
-#: The columns of ``volumes.csv`` written by earlier versions (still read and extended).
-LEGACY_VOLUME_COLUMNS: tuple[str, ...] = (
-    "file", "mask", "slices", "ich_slices", "ich_voxels", "voxel_volume_ml", "ich_volume_ml",
-    "largest_component_ml", "seconds",
-)  # fmt: skip
-VOLUME_COLUMNS: tuple[str, ...] = (
-    "file",
-    "mask",
-    "slices",
-    "ich_slices",
-    "ich_voxels",
-    "voxel_volume_ml",
-    "ich_volume_ml",
-    "largest_component_ml",
-    "components",
-    "members",
-    "member_min_ml",
-    "member_max_ml",
-    "orientation",
-    "seconds",
-)
 
 
 class PredictionFailures(IchsegError):
@@ -182,246 +172,7 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return resolved
 
 
-def resolve_checkpoints(ckpt: str | os.PathLike[str] | Sequence[Any]) -> list[Path]:
-    """The checkpoint files ``ckpt`` names: a file, a list of files, or a folder of training runs
-    (a multirun folder of CV rounds, or one run folder), of which each run's tested checkpoint:
-    the one its report names (``settings.operating_point_file``), else its only ``best*.ckpt``.
-
-    Raises :class:`~ichseg.errors.ConfigError` (one line naming the path) when a file is missing
-    or a folder holds no run, or a run several best checkpoints and no report naming one.
-    """
-    if isinstance(ckpt, (str, os.PathLike)):
-        items: list[Any] = [ckpt]
-    else:
-        items = list(ckpt)
-    if not items:
-        raise ConfigError("ckpt names no checkpoint")
-    found: list[Path] = []
-    for item in items:
-        path = Path(str(item)).expanduser()
-        if path.is_dir():
-            found += _run_checkpoints(path)
-        elif path.is_file():
-            found.append(path)
-        else:
-            raise ConfigError(f"{path}: checkpoint not found")
-    resolved = [p.resolve() for p in found]
-    for i, path in enumerate(resolved):
-        if path in resolved[:i]:
-            raise ConfigError(f"{path}: named twice in ckpt")
-    return found
-
-
-def _run_checkpoints(folder: Path) -> list[Path]:
-    """Each training run's tested checkpoint under ``folder`` (natural order of run folders)."""
-    import json
-    import re
-
-    def natural(path: Path) -> list[Any]:
-        return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(path))]
-
-    runs = sorted(
-        {p.parent.parent for p in folder.rglob(f"checkpoints/{BEST_PATTERN}")}, key=natural
-    )
-    if not runs:
-        raise ConfigError(
-            f"{folder}: no training run with a checkpoints/{BEST_PATTERN} in this folder; name "
-            "the checkpoint files (ckpt=[a.ckpt,b.ckpt])"
-        )
-    chosen = []
-    for run in runs:
-        named = None
-        for report in sorted(run.rglob("report.json")):
-            try:
-                settings = json.loads(report.read_text(encoding="utf-8")).get("settings", {})
-                named = Path(settings["operating_point_file"])
-            except (OSError, ValueError, AttributeError, KeyError, TypeError):
-                continue
-            if named.is_file():
-                break
-            named = None
-        best = sorted((run / "checkpoints").glob(BEST_PATTERN))
-        if named is None and len(best) > 1:
-            raise ConfigError(
-                f"{run}: {len(best)} best checkpoints and no report naming the tested one; name "
-                "the files (ckpt=[...])"
-            )
-        chosen.append(named or best[0])
-    return chosen
-
-
-def file_sha256(path: Path) -> str:
-    """The SHA-256 of a file, in hex."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def check_provenance(output: Path) -> None:
-    """Refuse an output folder whose ``predict.json`` was not written by ichseg.predict."""
-    import json
-
-    target = output / PROVENANCE_FILE
-    if not target.exists():
-        return
-    try:
-        ours = json.loads(target.read_text(encoding="utf-8")).get("format") == PROVENANCE_FORMAT
-    except (OSError, ValueError, AttributeError):
-        ours = False
-    if not ours:
-        raise ConfigError(
-            f"{target}: exists and was not written by ichseg.predict, so it is not replaced; "
-            "move it or choose another output folder"
-        )
-
-
-def write_provenance(
-    output: Path,
-    models: Sequence[TrainedModel],
-    predictor: Predictor | Ensemble,
-    options: Mapping[str, Any],
-    operating_point: str,
-    results: Sequence[ScanResult],
-    failures: Sequence[IchsegError] = (),
-) -> Path:
-    """Write ``predict.json`` atomically: what made the masks of this run (checkpoint files and
-    their SHA-256, every option, the operating point and where it came from, the versions) and
-    what was written for each scan."""
-    import datetime
-    import platform
-
-    from ichseg import __version__
-    from ichseg.eval.report import dumps_json
-
-    ensemble = predictor if isinstance(predictor, Ensemble) else Ensemble([predictor])
-    document = {
-        "format": PROVENANCE_FORMAT,
-        "version": 1,
-        "ichseg_version": __version__,
-        "torch_version": torch.__version__,
-        "python_version": platform.python_version(),
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": str(ensemble.device),
-        "options": dict(options),
-        "checkpoints": [
-            {
-                "path": str(model.path.resolve()),
-                "sha256": file_sha256(model.path),
-                "ichseg_version": model.meta.get("ichseg_version"),
-                "operating_point": model.operating_point,
-                "input": model.input_spec.to_dict(),
-                "inference": model.inference_spec.to_dict(),
-                "train_overrides": model.meta.get("train_overrides", []),
-            }
-            for model in models
-        ],
-        "ensemble": {
-            "members": len(ensemble.members),
-            "flip": ensemble.flip,
-            "input": ensemble.input_spec.to_dict(),
-            "orientation": list(ensemble.input_spec.orientation or CTICH_ORIENTATION),
-        },
-        "inference": ensemble.inference_spec.to_dict(),
-        "operating_point": operating_point,
-        "scans": [_scan_record(result) for result in results],
-        "failures": [str(failure) for failure in failures],
-    }
-    target = output / PROVENANCE_FILE
-    atomic_write_text(target, dumps_json(document))
-    return target
-
-
-def _scan_record(result: ScanResult) -> dict[str, Any]:
-    """What ``predict.json`` says about one scan: its input and every file written for it."""
-
-    def name(path: Path | None) -> str | None:
-        return None if path is None else str(path.relative_to(result.mask_path.parent))
-
-    return {
-        "input": str(result.input),
-        "name": result.name,
-        "source": result.label,
-        "mask": result.mask_path.name,
-        "probabilities": name(result.probability_path),
-        "uncertainty": name(result.uncertainty_path),
-        "dicom_seg": name(result.seg_path),
-        "qa_sheet": name(result.sheet_path),
-        "orientation": "".join(result.orientation),
-        "reoriented": result.reoriented,
-        "ich_volume_ml": result.stats.ich_volume_ml,
-        "member_volumes_ml": list(result.member_volumes_ml),
-    }
-
-
-# --------------------------------------------------------------------------- volumes
-
-
-@dataclass(frozen=True)
-class VolumeStats:
-    """ICH volume of one binary mask: counts, and volumes in mL from the voxel volume."""
-
-    slices: int
-    ich_slices: int
-    ich_voxels: int
-    largest_component_voxels: int
-    voxel_volume_ml: float
-    components: int = 0
-
-    @property
-    def ich_volume_ml(self) -> float:
-        """Voxel count x voxel volume."""
-        return self.ich_voxels * self.voxel_volume_ml
-
-    @property
-    def largest_component_ml(self) -> float:
-        """Volume of the largest face-connected 3D component."""
-        return self.largest_component_voxels * self.voxel_volume_ml
-
-
-def volume_stats(mask: np.ndarray, voxel_volume_ml: float) -> VolumeStats:
-    """Volume figures of an ``(H, W, N)`` mask (slices on the third axis).
-
-    Components are face-connected in 3D (6 neighbours; ``scipy.ndimage.label``'s default).
-    """
-    mask = np.asarray(mask, dtype=bool)
-    components, count = ndimage.label(mask)
-    largest = int(np.bincount(components.ravel())[1:].max()) if count else 0
-    return VolumeStats(
-        slices=int(mask.shape[2]),
-        ich_slices=int(mask.any(axis=(0, 1)).sum()),
-        ich_voxels=int(np.count_nonzero(mask)),
-        largest_component_voxels=largest,
-        voxel_volume_ml=float(voxel_volume_ml),
-        components=int(count),
-    )
-
-
 # --------------------------------------------------------------------------- files
-
-
-@dataclass(frozen=True)
-class OutputOptions:
-    """Which files :func:`predict_files` writes besides ``<name>_ich_seg.nii.gz``.
-
-    Attributes:
-        probabilities: ``<name>_prob.nii.gz``, float32 probabilities before threshold and
-            morphology (an ensemble's mean).
-        uncertainty: ``<name>_uncertainty.nii.gz``, the per-voxel standard deviation across an
-            ensemble's members (and flips); written only when there are several passes.
-        dicom_seg: for a DICOM series, also ``<name>_ich_seg.dcm``, the mask as a DICOM SEG that
-            references the series (``ichseg[dicom]``; NIfTI inputs have no series to reference).
-        qa: the visual QA report: ``qa/<name>.png`` per scan (:func:`ichseg.inference.qa.qa_sheet`)
-            and ``qa/index.html`` listing every scan of ``volumes.csv`` with its sheet.
-    """
-
-    probabilities: bool = False
-    uncertainty: bool = True
-    dicom_seg: bool = False
-    qa: bool = False
 
 
 def read_scan(scan: ScanInput) -> tuple[np.ndarray, Any, tuple[float, float, float]]:
@@ -530,115 +281,6 @@ def predict_file(
     )
 
 
-#: The start of the ``descrip`` field of every image ichseg.predict writes.
-_OWN_DESCRIPTION = b"ichseg ICH"
-
-
-def check_replaceable(target: Path) -> None:
-    """Refuse to replace ``target`` unless it is missing or an image ichseg.predict wrote
-    (its header's description starts with "ichseg ICH"): a user's own file of that name is kept.
-    """
-    if not target.exists() and not target.is_symlink():
-        return
-    import nibabel as nib
-
-    try:
-        description = bytes(nib.load(target).header["descrip"].item()) if target.is_file() else b""
-    except Exception:  # not a NIfTI file at all: someone else's
-        description = b""
-    if not description.startswith(_OWN_DESCRIPTION):
-        raise DatasetError(
-            f"{target}: exists and was not written by ichseg.predict, so it is not replaced; "
-            "move it or choose another output folder",
-            target,
-        )
-
-
-def check_replaceable_seg(target: Path) -> None:
-    """Refuse to replace a ``.dcm`` that is not a DICOM SEG ichseg.predict wrote."""
-    if not target.exists() and not target.is_symlink():
-        return
-    try:
-        import pydicom
-
-        dataset = pydicom.dcmread(target, stop_before_pixels=True)
-        ours = dataset.get("Modality") == "SEG" and dataset.get("Manufacturer") == "ichseg"
-    except Exception:  # not DICOM, or no pydicom: not ours to replace
-        ours = False
-    if not ours:
-        raise DatasetError(
-            f"{target}: exists and was not written by ichseg.predict, so it is not replaced; "
-            "move it or choose another output folder",
-            target,
-        )
-
-
-@dataclass(frozen=True)
-class ScanInput:
-    """One input scan: its file (a DICOM series: its folder) and the name its outputs are given
-    (``<name>_ich_seg.nii.gz``); ``series`` is the :class:`~ichseg.io.dicom.DicomSeries` of a
-    DICOM input, None for a NIfTI file."""
-
-    path: Path
-    name: str
-    series: Any = None
-
-    @property
-    def label(self) -> str:
-        """How messages name the scan: the file name, or the series."""
-        return self.path.name if self.series is None else self.series.description
-
-
-@dataclass(frozen=True)
-class ScanResult:
-    """What prediction wrote for one scan and the volume figures of its mask."""
-
-    input: Path
-    mask_path: Path
-    probability_path: Path | None
-    stats: VolumeStats
-    seconds: float
-    uncertainty_path: Path | None = None
-    #: Each ensemble member's own ICH volume (one value for a single model).
-    member_volumes_ml: tuple[float, ...] = ()
-    #: The scan's array orientation (axis codes) and whether it was reoriented for the network.
-    orientation: tuple[str, ...] = CTICH_ORIENTATION
-    reoriented: bool = False
-    seg_path: Path | None = None
-    sheet_path: Path | None = None
-    #: The input's name (``<name>_ich_seg.nii.gz``) and how messages call it.
-    name: str = ""
-    label: str = ""
-
-    @property
-    def interval_ml(self) -> tuple[float, float] | None:
-        """The members' smallest and largest volume, None for a single model."""
-        if len(self.member_volumes_ml) < 2:
-            return None
-        return min(self.member_volumes_ml), max(self.member_volumes_ml)
-
-    def row(self) -> dict[str, str]:
-        """The scan's ``volumes.csv`` row."""
-        stats = self.stats
-        interval = self.interval_ml
-        return {
-            "file": str(self.input),
-            "mask": self.mask_path.name,
-            "slices": str(stats.slices),
-            "ich_slices": str(stats.ich_slices),
-            "ich_voxels": str(stats.ich_voxels),
-            "voxel_volume_ml": f"{stats.voxel_volume_ml:.6g}",
-            "ich_volume_ml": f"{stats.ich_volume_ml:.6f}",
-            "largest_component_ml": f"{stats.largest_component_ml:.6f}",
-            "components": str(stats.components),
-            "members": str(max(1, len(self.member_volumes_ml))),
-            "member_min_ml": "" if interval is None else f"{interval[0]:.6f}",
-            "member_max_ml": "" if interval is None else f"{interval[1]:.6f}",
-            "orientation": "".join(self.orientation),
-            "seconds": f"{self.seconds:.2f}",
-        }
-
-
 def find_inputs(source: str | os.PathLike[str]) -> list[ScanInput]:
     """The scans of ``source``: a NIfTI file, a folder of them, or a CT-ICH NIfTI release root.
 
@@ -703,99 +345,6 @@ def find_inputs(source: str | os.PathLike[str]) -> list[ScanInput]:
             )
         names[scan.name] = scan.path
     return scans
-
-
-def check_output(output: str | os.PathLike[str]) -> Path:
-    """Refuse an output that cannot become the output folder, without creating anything: a NIfTI
-    file name, an existing file, or a path below a file or in a folder that is not writable."""
-    output = Path(output)
-    if nifti_stem(output) is not None:
-        raise ConfigError(
-            f"{output}: output is the folder for the masks and volumes.csv, not a NIfTI file name"
-        )
-    if output.exists() and not output.is_dir():
-        raise ConfigError(f"{output}: the output exists and is not a folder")
-    ancestor = output.absolute()
-    while not ancestor.exists():
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise ConfigError(f"{output}: cannot create the output folder ({ancestor} is a file)")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise ConfigError(f"{output}: cannot create the output folder ({ancestor} is not writable)")
-    return output
-
-
-def prepare_output(output: str | os.PathLike[str]) -> Path:
-    """Create the output folder if needed and check that files can be written into it."""
-    output = check_output(output)
-    try:
-        output.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:
-        raise ConfigError(f"{output}: the output exists and is not a folder") from None
-    except OSError as err:
-        raise ConfigError(
-            f"{output}: cannot create the output folder ({err.strerror or err})"
-        ) from None
-    if not output.is_dir():
-        raise ConfigError(f"{output}: the output exists and is not a folder")
-    try:
-        with tempfile.TemporaryFile(dir=output):
-            pass
-    except OSError as err:
-        raise ConfigError(
-            f"{output}: the output folder is not writable ({err.strerror or err})"
-        ) from None
-    return output
-
-
-def read_volumes(target: str | os.PathLike[str]) -> list[dict[str, str]]:
-    """The rows of an earlier ``volumes.csv`` (none when it does not exist).
-
-    Raises :class:`~ichseg.errors.DatasetError` naming the file when it is unreadable or not a
-    ``volumes.csv`` of ichseg.predict (other columns), so it is never overwritten.
-    """
-    target = Path(target)
-    if not target.exists():
-        return []
-    try:
-        with open(target, encoding="utf-8", newline="") as handle:
-            reader = csv.DictReader(handle)
-            rows = list(reader)
-            columns = tuple(reader.fieldnames or ())
-    except (OSError, UnicodeDecodeError, csv.Error) as err:
-        reason = getattr(err, "strerror", None) or first_line(err)
-        raise DatasetError(
-            f"{target}: cannot read the earlier volumes ({reason})", target
-        ) from None
-    known = columns in (VOLUME_COLUMNS, LEGACY_VOLUME_COLUMNS)
-    if not known or any(None in row or not row.get("mask") for row in rows):
-        raise DatasetError(
-            f"{target}: not a {VOLUMES_FILE} written by ichseg.predict (expected the columns "
-            f"{','.join(VOLUME_COLUMNS)}), so it is not replaced; move it or choose another "
-            "output folder",
-            target,
-        )
-    return rows
-
-
-def write_volumes(
-    results: Sequence[ScanResult], target: Path, earlier: Sequence[Mapping[str, str]] = ()
-) -> None:
-    """Write ``volumes.csv`` (one row per scan, :data:`VOLUME_COLUMNS`) atomically.
-
-    ``earlier`` rows (:func:`read_volumes`, from an earlier run into the same folder) are kept, in
-    their order, except those of a mask predicted again, which the new row replaces in place; rows
-    of masks not there before follow.
-    """
-    new = {result.mask_path.name: result.row() for result in results}
-    blank = dict.fromkeys(VOLUME_COLUMNS, "")
-    rows = [new.pop(row["mask"], {**blank, **row}) for row in earlier]
-    rows += list(new.values())
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=VOLUME_COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(target, buffer.getvalue())
 
 
 def predict_files(
@@ -863,51 +412,6 @@ def predict_files(
             raise failures[0]
         raise PredictionFailures(results, failures)
     return results
-
-
-def write_qa_index(output: Path, note: str | None = None) -> Path:
-    """(Re)write ``qa/index.html``: every scan of ``volumes.csv`` that has a QA sheet in
-    ``qa/``, with its volume, the members' interval, components and sheet, sorted by volume."""
-    from ichseg.inference.qa import QARow
-    from ichseg.inference.qa import write_qa_index as write_index
-
-    def number(text: str, default: float = 0.0) -> float:
-        try:
-            return float(text)
-        except (TypeError, ValueError):
-            return default
-
-    rows = []
-    for row in read_volumes(output / VOLUMES_FILE):
-        mask = row["mask"]
-        name = next(
-            (
-                mask[: -len(end)]
-                for end in (f"{MASK_SUFFIX}.nii.gz", "_ich.nii.gz")
-                if mask.endswith(end)
-            ),
-            mask,
-        )
-        if not (output / QA_FOLDER / f"{name}.png").is_file():
-            continue
-        low, high = row.get("member_min_ml", ""), row.get("member_max_ml", "")
-        rows.append(
-            QARow(
-                name=name,
-                volume_ml=number(row["ich_volume_ml"]),
-                interval_ml=(number(low), number(high)) if low and high else None,
-                largest_component_ml=number(row["largest_component_ml"]),
-                components=int(number(row.get("components", ""))),
-                ich_slices=int(number(row["ich_slices"])),
-                slices=int(number(row["slices"])),
-                sheet=f"{name}.png",
-                mask=f"../{mask}",
-            )
-        )
-    target = output / QA_FOLDER / QA_INDEX
-    target.parent.mkdir(exist_ok=True)
-    write_index(rows, target, title=f"ichseg predictions: {output.name}", note=note)
-    return target
 
 
 def scan_shape(scan: ScanInput, predictor: Predictor | Ensemble) -> tuple[int, int, int]:
