@@ -1,10 +1,10 @@
-"""Visual QA of a prediction run: one contact sheet per scan and one static ``index.html``.
+"""Visual QA of a prediction run: one contact sheet per scan.
 
 :func:`qa_sheet` draws the slices of a scan that hold predicted ICH in the brain window with the
-mask's outline; :func:`write_qa_index` writes a sortable table of every scan of a run that links
-to the sheets. Both write atomically (:func:`write_qa_sheet`, :func:`write_qa_index`) and need only
-numpy, scipy and Pillow; the page is a single file with inline CSS and JS, so it opens from disk
-without a server or network.
+mask's outline; :func:`write_qa_sheet` saves it as a PNG atomically. It needs only numpy, scipy
+and Pillow. The run's sortable ``index.html`` that links to the sheets lives in
+:mod:`ichseg.inference.qa_index` (:func:`write_qa_index`, :func:`qa_index_html`, :class:`QARow`);
+they are re-exported here.
 
 Orientation: the volumes are arrays in the CT-ICH NIfTI orientation, with slices on axis 2.
 Shown as-is, ``vol[:, :, k]`` puts array axis 0 down the rows and axis 1 along the columns, so the
@@ -16,11 +16,8 @@ CT-ICH are displayed (tests/test_qa.py checks the direction with an asymmetric m
 
 from __future__ import annotations
 
-import html
 import math
-import urllib.parse
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +25,8 @@ from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
 from ichseg.data.windowing import apply_window
-from ichseg.utils.atomic import atomic_path, atomic_write_text
+from ichseg.inference.qa_index import QARow, qa_index_html, write_qa_index
+from ichseg.utils.atomic import atomic_path
 
 #: Width of one thumbnail in pixels (a 512-pixel slice is halved).
 THUMB_WIDTH = 256
@@ -175,6 +173,31 @@ def _caption(
     return lines
 
 
+def _draw_title_bar(
+    draw: ImageDraw.ImageDraw,
+    title: str,
+    width: int,
+    volume_ml: float,
+    ich_slices: int,
+    slices: int,
+    shown: int,
+) -> None:
+    """The sheet's two title lines: the scan's name (shortened to fit ``width``) and a summary of
+    the total ICH volume, the ICH slices and, when capped, how many of them are shown."""
+    title_font = _font(_TITLE_SIZE)
+    plural = "" if ich_slices == 1 else "s"
+    draw.text(
+        (_PAD, _PAD), _fit(draw, title, title_font, width - 2 * _PAD), fill=_TEXT, font=title_font
+    )
+    if ich_slices == 0:
+        summary = f"0.00 mL · no ICH predicted · {slices} slices"
+    else:
+        summary = f"{volume_ml:.2f} mL · {ich_slices} ICH slice{plural} of {slices}"
+        if shown < ich_slices:
+            summary += f" · {shown} of {ich_slices} ICH slices shown"
+    draw.text((_PAD, _PAD + _TITLE_SIZE + 6), summary, fill=_MUTED, font=title_font)
+
+
 def qa_sheet(
     hu: np.ndarray,
     mask: np.ndarray,
@@ -216,7 +239,6 @@ def qa_sheet(
     aspect = (cols_in * spacing[1]) / (rows_in * spacing[0])
     thumb_h = int(np.clip(round(thumb_w * aspect), 16, 4 * thumb_w))
 
-    title_font = _font(_TITLE_SIZE)
     caption_font = _font(_CAPTION_SIZE)
     small_font = _font(_CAPTION_SIZE - 4)
     line_h = _CAPTION_SIZE + 4
@@ -230,17 +252,7 @@ def qa_sheet(
 
     sheet = Image.new("RGB", (width, height), _BACKGROUND)
     draw = ImageDraw.Draw(sheet)
-    plural = "" if ich_slices == 1 else "s"
-    draw.text(
-        (_PAD, _PAD), _fit(draw, title, title_font, width - 2 * _PAD), fill=_TEXT, font=title_font
-    )
-    if ich_slices == 0:
-        summary = f"0.00 mL · no ICH predicted · {slices} slices"
-    else:
-        summary = f"{volume_ml:.2f} mL · {ich_slices} ICH slice{plural} of {slices}"
-        if len(shown) < ich_slices:
-            summary += f" · {len(shown)} of {ich_slices} ICH slices shown"
-    draw.text((_PAD, _PAD + _TITLE_SIZE + 6), summary, fill=_MUTED, font=title_font)
+    _draw_title_bar(draw, title, width, volume_ml, ich_slices, slices, len(shown))
 
     for position, k in enumerate(shown):
         left = _PAD + (position % columns) * cell_w
@@ -270,234 +282,6 @@ def write_qa_sheet(
     image = qa_sheet(hu, mask, spacing_mm, title, probabilities=probabilities)
     with atomic_path(target) as tmp:
         image.save(tmp, format="PNG", optimize=True)
-
-
-# --------------------------------------------------------------------------- the index
-
-
-@dataclass(frozen=True)
-class QARow:
-    """One scan of a prediction run, as the index lists it.
-
-    ``interval_ml`` is an ensemble's member minimum and maximum volume (None for one model);
-    ``sheet`` and ``mask`` are paths relative to the index (the sheet PNG and the mask file).
-    """
-
-    name: str
-    volume_ml: float
-    interval_ml: tuple[float, float] | None
-    largest_component_ml: float
-    components: int
-    ich_slices: int
-    slices: int
-    sheet: str
-    mask: str
-
-
-def _href(path: str) -> str:
-    """A relative path as an escaped href; absolute paths and URLs are refused, so the page
-    never points outside its folder's tree by scheme or host."""
-    text = str(path).replace("\\", "/")
-    if text.startswith("/") or "://" in text or ":" in text.split("/", 1)[0]:
-        raise ValueError(f"QA index links must be relative paths, got {path!r}")
-    return html.escape(urllib.parse.quote(text, safe="/"), quote=True)
-
-
-def _number(value: float, digits: int = 2) -> str:
-    return "–" if not math.isfinite(value) else f"{value:.{digits}f}"
-
-
-def _sort_key(value: float) -> str:
-    """A ``data-sort`` value: the number, or empty (sorted last) when it is not finite."""
-    return repr(float(value)) if math.isfinite(value) else ""
-
-
-_CSS = """
-body { font: 14px/1.4 system-ui, -apple-system, "Segoe UI", sans-serif; margin: 1.5em;
-  color: #222; background: #fafafa; }
-h1 { font-size: 1.4em; margin: 0 0 .3em; }
-p.note { color: #555; margin: 0 0 1em; }
-table { border-collapse: collapse; background: #fff; }
-th, td { border-bottom: 1px solid #ddd; padding: .35em .7em; text-align: left;
-  vertical-align: middle; }
-th { background: #eee; position: sticky; top: 0; }
-th[data-key] { cursor: pointer; user-select: none; }
-th[data-key]:hover { background: #e0e0e0; }
-th.asc::after { content: " \\25B2"; font-size: .75em; }
-th.desc::after { content: " \\25BC"; font-size: .75em; }
-td.num { text-align: right; font-variant-numeric: tabular-nums; }
-td.mask { font-size: .85em; color: #666; }
-img.sheet { max-height: 120px; max-width: 360px; display: block; }
-"""
-
-_JS = """
-(function () {
-  var table = document.getElementById("qa-table");
-  var body = table.tBodies[0];
-  var headers = table.querySelectorAll("th[data-key]");
-  function cellValue(row, index, numeric) {
-    var cell = row.cells[index];
-    var raw = cell.getAttribute("data-sort");
-    if (raw === null) { raw = cell.textContent; }
-    if (!numeric) { return raw.toLowerCase(); }
-    var value = parseFloat(raw);
-    return isNaN(value) ? null : value;
-  }
-  function sortBy(key, descending) {
-    var header = null, index = -1;
-    for (var i = 0; i < headers.length; i++) {
-      headers[i].classList.remove("asc", "desc");
-      if (headers[i].getAttribute("data-key") === key) { header = headers[i]; }
-    }
-    if (header === null) { return false; }
-    index = header.cellIndex;
-    var numeric = header.getAttribute("data-type") === "number";
-    var rows = Array.prototype.slice.call(body.rows);
-    rows.forEach(function (row, position) { row._position = position; });
-    rows.sort(function (a, b) {
-      var x = cellValue(a, index, numeric), y = cellValue(b, index, numeric);
-      if (x === null || y === null) {
-        if (x === y) { return a._position - b._position; }
-        return x === null ? 1 : -1;  /* missing values last either way */
-      }
-      var order = x < y ? -1 : (x > y ? 1 : 0);
-      if (descending) { order = -order; }
-      return order !== 0 ? order : a._position - b._position;
-    });
-    rows.forEach(function (row) { body.appendChild(row); });
-    header.classList.add(descending ? "desc" : "asc");
-    table.setAttribute("data-sorted", (descending ? "-" : "") + key);
-    return true;
-  }
-  for (var i = 0; i < headers.length; i++) {
-    headers[i].addEventListener("click", function (event) {
-      var header = event.currentTarget, key = header.getAttribute("data-key");
-      var descending;
-      if (header.classList.contains("asc")) { descending = true; }
-      else if (header.classList.contains("desc")) { descending = false; }
-      else { descending = header.getAttribute("data-type") === "number"; }
-      sortBy(key, descending);
-      if (window.history && history.replaceState) {
-        history.replaceState(null, "", "#sort=" + (descending ? "-" : "") + key);
-      }
-    });
-  }
-  var match = /(?:^#|&)sort=(-?)([A-Za-z_]+)/.exec(window.location.hash);
-  if (!(match && sortBy(match[2], match[1] === "-"))) { sortBy("volume", true); }
-})();
-"""
-
-#: Sortable columns: key, header, type.
-_COLUMNS: tuple[tuple[str, str, str], ...] = (
-    ("name", "scan", "text"),
-    ("volume", "volume (mL)", "number"),
-    ("interval", "interval (mL)", "number"),
-    ("largest", "largest component (mL)", "number"),
-    ("components", "components", "number"),
-    ("slices", "ICH slices / slices", "number"),
-)
-
-
-def _row_html(row: QARow) -> str:
-    name = html.escape(row.name, quote=True)
-    sheet = _href(row.sheet)
-    mask = _href(row.mask)
-    if row.interval_ml is None:
-        interval, interval_key = "–", ""
-    else:
-        low, high = (float(v) for v in row.interval_ml)
-        interval = f"{_number(low, 1)} – {_number(high, 1)}"
-        interval_key = _sort_key(low)
-    cells = [
-        f'<td data-sort="{name}"><a href="{sheet}">{name}</a></td>',
-        f'<td class="num" data-sort="{_sort_key(row.volume_ml)}">{_number(row.volume_ml)}</td>',
-        f'<td class="num" data-sort="{interval_key}">{html.escape(interval)}</td>',
-        f'<td class="num" data-sort="{_sort_key(row.largest_component_ml)}">'
-        f"{_number(row.largest_component_ml)}</td>",
-        f'<td class="num" data-sort="{int(row.components)}">{int(row.components)}</td>',
-        f'<td class="num" data-sort="{int(row.ich_slices)}">'
-        f"{int(row.ich_slices)} / {int(row.slices)}</td>",
-        f'<td class="mask"><a href="{mask}">{html.escape(Path(row.mask).name)}</a></td>',
-        f'<td><a href="{sheet}"><img class="sheet" src="{sheet}" loading="lazy" '
-        f'alt="QA sheet of {name}"></a></td>',
-    ]
-    volume = _sort_key(row.volume_ml)
-    return f'<tr data-name="{name}" data-volume="{volume}">' + "".join(cells) + "</tr>"
-
-
-def _default_order(rows: Sequence[QARow]) -> list[QARow]:
-    """By volume, largest first (non-finite volumes last), ties in the given order."""
-
-    def key(row: QARow) -> tuple[int, float]:
-        value = float(row.volume_ml)
-        return (0, -value) if math.isfinite(value) else (1, 0.0)
-
-    return sorted(rows, key=key)
-
-
-def qa_index_html(
-    rows: Sequence[QARow], title: str = "ichseg predictions", note: str | None = None
-) -> str:
-    """The text of :func:`write_qa_index`'s page."""
-    ordered = _default_order(rows)
-    headers = []
-    for key, label, kind in _COLUMNS:
-        css = ' class="desc"' if key == "volume" else ""
-        headers.append(f'<th data-key="{key}" data-type="{kind}"{css}>{html.escape(label)}</th>')
-    headers += ["<th>mask</th>", "<th>sheet</th>"]
-    total = sum(float(r.volume_ml) for r in rows if math.isfinite(r.volume_ml))
-    with_ich = sum(1 for r in rows if r.ich_slices > 0)
-    summary = (
-        f"{len(rows)} scan{'' if len(rows) == 1 else 's'}, {with_ich} with predicted ICH; "
-        f"{total:.2f} mL in all. Click a column header to sort."
-    )
-    parts = [
-        "<!DOCTYPE html>",
-        '<html lang="en">',
-        "<head>",
-        '<meta charset="utf-8">',
-        '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>{html.escape(title)}</title>",
-        f"<style>{_CSS}</style>",
-        "</head>",
-        "<body>",
-        f"<h1>{html.escape(title)}</h1>",
-    ]
-    if note:
-        parts.append(f'<p class="note">{html.escape(note)}</p>')
-    parts += [
-        f'<p class="note">{html.escape(summary)}</p>',
-        '<table id="qa-table" data-sorted="-volume">',
-        "<thead><tr>" + "".join(headers) + "</tr></thead>",
-        "<tbody>",
-        *(_row_html(row) for row in ordered),
-        "</tbody>",
-        "</table>",
-        f"<script>{_JS}</script>",
-        "</body>",
-        "</html>",
-        "",
-    ]
-    return "\n".join(parts)
-
-
-def write_qa_index(
-    rows: Sequence[QARow],
-    target: Path,
-    title: str = "ichseg predictions",
-    note: str | None = None,
-) -> None:
-    """Write one static, self-contained ``index.html`` listing ``rows`` atomically.
-
-    A table (id ``qa-table``) with a row per scan (``data-name`` and ``data-volume`` attributes):
-    the name linking to its sheet, the volume in mL, the ensemble interval (or "–"), the largest
-    component in mL, the number of components, ICH slices / slices, the mask file and a lazy
-    thumbnail of the sheet. Rows are sorted by volume, largest first, in the HTML itself; clicking
-    a header sorts by that column (again to reverse it), and a ``#sort=<key>`` or
-    ``#sort=-<key>`` fragment (keys: name, volume, interval, largest, components, slices) picks
-    the order on load. No external resources: inline CSS and JS only.
-    """
-    atomic_write_text(Path(target), qa_index_html(rows, title=title, note=note))
 
 
 __all__ = [
