@@ -9,15 +9,25 @@ changes the probabilities, never the masks. The expected calibration error
 (:func:`expected_calibration_error`) is torchmetrics' binary L1 calibration error: the
 bin-weighted mean of ``|fraction of ICH pixels - mean probability|`` over equal-width probability
 bins (15 by default).
+
+The stitched evaluation's calibration records are plain functions here: the temperature fitted on
+the val pixels of the tuning pass (:func:`fit_on_validation`), the tuned spec and checkpoint record
+it implies (:func:`calibrated_operating_spec`, :func:`operating_point_record`), and each report's
+ECE and reliability diagram (:func:`split_calibration`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
-from typing import Any
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from ichseg.eval.tuning import TuningChoice
+    from ichseg.specs import InferenceSpec
 
 #: Probabilities are clipped to [EPS, 1 - EPS] before their logit.
 EPS = 1e-6
@@ -317,9 +327,93 @@ def image_tensor(image: Any) -> Any:
     return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
 
 
+# ------------------------------------------------------------------ the evaluation's records
+
+
+def fit_on_validation(
+    sample: PixelSample | None, temperature: float, threshold: float, calibrate: bool = True
+) -> dict[str, Any]:
+    """The calibration of an operating point tuned on val: the temperature fitted on the val
+    pixel ``sample`` (1 without ``calibrate``) on top of the configured ``temperature``, the val
+    ECE before / after it, and the tuned ``threshold`` mapped to the calibrated scale."""
+    sample = sample if sample is not None else PixelSample()
+    probabilities, targets = sample.arrays()
+    fitted = fit_temperature(probabilities, targets) if calibrate else 1.0
+    bins = CALIBRATION_BINS
+    return {
+        "split": "val",
+        "calibrated": calibrate,
+        "temperature": temperature * fitted,
+        "fitted_temperature": fitted,
+        "pixels": int(probabilities.size),
+        "bins": bins,
+        "ece_before": expected_calibration_error(probabilities, targets, bins),
+        "ece_after": expected_calibration_error(
+            apply_temperature(probabilities, fitted), targets, bins
+        ),
+        "threshold_uncalibrated": threshold,
+        "threshold": calibrated_threshold(threshold, fitted),
+    }
+
+
+def calibrated_operating_spec(
+    spec: InferenceSpec, choice: TuningChoice, calibration: Mapping[str, Any]
+) -> InferenceSpec:
+    """``spec`` at the operating point ``choice`` tuned on val, with the temperature fitted
+    there (:func:`fit_on_validation`) and the threshold mapped to the calibrated scale, so that
+    the masks stay those chosen."""
+    threshold = calibrated_threshold(choice.threshold, calibration["fitted_temperature"])
+    tuned = spec.with_operating_point(threshold, choice.postprocess)
+    return replace(tuned, temperature=calibration["temperature"])
+
+
+def operating_point_record(
+    spec: InferenceSpec, choice: TuningChoice, calibration: Mapping[str, Any] | None
+) -> dict[str, Any]:
+    """The operating point tuned on val as stored in a checkpoint's metadata: the applied
+    ``spec``'s threshold and post-processing, the val Dice of ``choice`` and, after a
+    calibration, the temperature and the threshold on the uncalibrated scale."""
+    record = {
+        "source": "tuned on val",
+        "threshold": spec.threshold,
+        "postprocess": spec.postprocess,
+        "val_dice": None if math.isnan(choice.dice) else choice.dice,
+        "fallback": choice.fallback,
+        "patients": list(choice.patients),
+    }
+    if calibration is not None:
+        record["temperature"] = spec.temperature
+        record["threshold_uncalibrated"] = choice.threshold
+        record["calibration_pixels"] = calibration["pixels"]
+    return record
+
+
+def split_calibration(
+    pixels: PixelSample, temperature: float, split: str, fit: Mapping[str, Any] | None = None
+) -> tuple[dict[str, Any], Any]:
+    """The report's calibration of ``split``: the ECE before / after ``temperature`` on its pixel
+    sample (the predictor's calibrated probabilities; before: the temperature undone), the val
+    ``fit`` (:func:`fit_on_validation`) if any, and the reliability diagram (``PIL.Image``)."""
+    probabilities, targets = pixels.arrays()
+    summary = calibration_summary(probabilities, targets, temperature, CALIBRATION_BINS)
+    summary["split"] = split
+    summary["diagram"] = "reliability.png"
+    if fit is not None:
+        summary["fit"] = {k: v for k, v in fit.items() if k != "fitted_temperature"}
+    title = f"Reliability: {split} pixels"
+    if temperature == 1.0:
+        diagram = reliability_diagram(probabilities, None, targets, title=title)
+    else:
+        raw = apply_temperature(probabilities, 1.0 / temperature)
+        diagram = reliability_diagram(raw, probabilities, targets, CALIBRATION_BINS,
+                                      temperature, title=title)  # fmt: skip
+    return summary, diagram
+
+
 __all__: Sequence[str] = (
     "CALIBRATION_BINS", "MAX_PIXELS", "PIXELS_PER_SCAN", "PixelSample", "apply_temperature",
-    "calibrated_threshold", "calibration_summary", "check_temperature",
-    "expected_calibration_error", "fit_temperature", "image_tensor", "pixel_sample",
-    "reliability_bins", "reliability_diagram", "save_png",
+    "calibrated_operating_spec", "calibrated_threshold", "calibration_summary",
+    "check_temperature", "expected_calibration_error", "fit_on_validation", "fit_temperature",
+    "image_tensor", "operating_point_record", "pixel_sample", "reliability_bins",
+    "reliability_diagram", "save_png", "split_calibration",
 )  # fmt: skip

@@ -6,7 +6,8 @@ epoch (``val/stitched_dice`` for a ``ModelCheckpoint``); it can first choose the
 on val (:mod:`ichseg.eval.tuning`). Under DDP each rank scores its share of the patients
 (:func:`~ichseg.eval.scoring.shard_patients`) and the results are gathered and merged, so every
 slice is scored once; rank 0 writes the report files (:func:`ichseg.eval.report.write_report`)
-and the TensorBoard tables and overlays. The logged scalars and the files: docs/evaluation.md.
+and the TensorBoard tables and overlays (:mod:`ichseg.lit.callbacks.tensorboard_report`). The
+logged scalars and the files: docs/evaluation.md.
 
 A test phase runs the network once over each test tile: the callback switches off the module's
 window-level test metrics (``window_test_metrics``) when it scores the test split itself, and
@@ -17,33 +18,25 @@ trainer shows its own progress bar (:func:`progress_enabled`) on a terminal.
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytorch_lightning as pl
 import torch
 
 from ichseg.errors import ConfigError
 from ichseg.eval.calibration import (
-    CALIBRATION_BINS,
     PixelSample,
-    apply_temperature,
-    calibrated_threshold,
-    calibration_summary,
-    expected_calibration_error,
-    fit_temperature,
-    image_tensor,
-    reliability_diagram,
+    calibrated_operating_spec,
+    fit_on_validation,
+    operating_point_record,
     save_png,
+    split_calibration,
 )
 from ichseg.eval.counts import DEFAULT_THRESHOLDS
 from ichseg.eval.gallery import OverlayGallery
-from ichseg.eval.markdown import tables_markdown
 from ichseg.eval.metrics import PAPER_MIN_AREA
 from ichseg.eval.report import FoldResult, json_safe, write_report
 from ichseg.eval.scoring import (
@@ -67,6 +60,7 @@ from ichseg.eval.tuning import (
     tuning_variants,
 )
 from ichseg.inference.predictor import Predictor
+from ichseg.lit.callbacks.tensorboard_report import has_tensorboard, log_stitched_report
 from ichseg.specs import InferenceSpec
 
 SPLITS: tuple[str, ...] = ("val", "test")
@@ -277,13 +271,7 @@ class StitchedEvaluation(pl.Callback):
             self.tuning = self.tune(trainer, pl_module)
             choice = self.tuning
             self.calibration = self.fit_calibration(choice)
-            temperature = self.calibration["fitted_temperature"]
-            self._applied = replace(
-                self.inference.with_operating_point(
-                    calibrated_threshold(choice.threshold, temperature), choice.postprocess
-                ),
-                temperature=self.calibration["temperature"],
-            )
+            self._applied = calibrated_operating_spec(self.inference, choice, self.calibration)
             for name, value in (("tuned_threshold", choice.threshold),
                                 ("tuned_postprocess", float(choice.postprocess)),
                                 ("tuned_dice", choice.dice),
@@ -340,24 +328,9 @@ class StitchedEvaluation(pl.Callback):
     def fit_calibration(self, choice: TuningChoice) -> dict[str, Any]:
         """The temperature fitted on the val pixels sampled while tuning (1 without
         ``calibrate``), on top of the configured one, and the val ECE before / after it."""
-        sample = self._tuning_pixels if self._tuning_pixels is not None else PixelSample()
-        probabilities, targets = sample.arrays()
-        fitted = fit_temperature(probabilities, targets) if self.calibrate else 1.0
-        bins = CALIBRATION_BINS
-        return {
-            "split": "val",
-            "calibrated": self.calibrate,
-            "temperature": self.inference.temperature * fitted,
-            "fitted_temperature": fitted,
-            "pixels": int(probabilities.size),
-            "bins": bins,
-            "ece_before": expected_calibration_error(probabilities, targets, bins),
-            "ece_after": expected_calibration_error(
-                apply_temperature(probabilities, fitted), targets, bins
-            ),
-            "threshold_uncalibrated": choice.threshold,
-            "threshold": calibrated_threshold(choice.threshold, fitted),
-        }
+        return fit_on_validation(
+            self._tuning_pixels, self.inference.temperature, choice.threshold, self.calibrate
+        )
 
     def _score_split(
         self,
@@ -394,18 +367,7 @@ class StitchedEvaluation(pl.Callback):
     ) -> None:
         """Write the tuned operating point into the tested checkpoint (rank 0) and the module's
         metadata, so that ``ichseg.predict`` applies it."""
-        record = {
-            "source": "tuned on val",
-            "threshold": spec.threshold,
-            "postprocess": spec.postprocess,
-            "val_dice": None if math.isnan(choice.dice) else choice.dice,
-            "fallback": choice.fallback,
-            "patients": list(choice.patients),
-        }
-        if self.calibration is not None:
-            record["temperature"] = spec.temperature
-            record["threshold_uncalibrated"] = choice.threshold
-            record["calibration_pixels"] = self.calibration["pixels"]
+        record = operating_point_record(spec, choice, self.calibration)
         meta = getattr(pl_module, "meta", None)
         if isinstance(meta, dict) and meta:
             meta["inference"] = spec.to_dict()
@@ -451,7 +413,7 @@ class StitchedEvaluation(pl.Callback):
     ) -> ShardResult:
         """Score this rank's share of ``split`` and merge all ranks' results (on every rank);
         with ``pixels``, every rank's pixel sample of the same pass is merged into it."""
-        use_gallery = self.n_overlays > 0 and self._has_tensorboard(trainer)
+        use_gallery = self.n_overlays > 0 and has_tensorboard(trainer)
         gallery = OverlayGallery(self.n_overlays if use_gallery else 0)
         local = None if pixels is None else PixelSample(pixels.per_scan, pixels.seed)
         gathered = self._score_split(
@@ -496,7 +458,8 @@ class StitchedEvaluation(pl.Callback):
         title = f"Stitched evaluation: fold {fold}, {split} split, epoch {epoch}"
         calibration, diagram = None, None
         if pixels is not None:
-            calibration, diagram = self._calibration_report(pixels, spec, split)
+            calibration, diagram = split_calibration(pixels, spec.temperature, split,
+                                                     self.calibration)  # fmt: skip
             self.calibration_reports[split] = calibration
             save_png(diagram, directory / calibration["diagram"])
         if write:
@@ -516,97 +479,5 @@ class StitchedEvaluation(pl.Callback):
                 calibration=calibration,
             )
             write_report(directory, result, merged.slice_flags, tables, title)
-        self._log_tensorboard(trainer, split, tables, merged, settings, title, calibration,
-                              diagram)  # fmt: skip
-
-    def _calibration_report(
-        self, pixels: PixelSample, spec: InferenceSpec, split: str
-    ) -> tuple[dict[str, Any], Any]:
-        """The ECE before / after the spec's temperature on ``split``'s pixel sample (the
-        predictor's calibrated probabilities; before: the temperature undone), the val fit, and
-        the reliability diagram."""
-        probabilities, targets = pixels.arrays()
-        temperature = spec.temperature
-        summary = calibration_summary(probabilities, targets, temperature, CALIBRATION_BINS)
-        summary["split"] = split
-        summary["diagram"] = "reliability.png"
-        if self.calibration is not None:
-            summary["fit"] = {
-                k: v for k, v in self.calibration.items() if k != "fitted_temperature"
-            }
-        title = f"Reliability: {split} pixels"
-        if temperature == 1.0:
-            diagram = reliability_diagram(probabilities, None, targets, title=title)
-        else:
-            raw = apply_temperature(probabilities, 1.0 / temperature)
-            diagram = reliability_diagram(raw, probabilities, targets, CALIBRATION_BINS,
-                                          temperature, title=title)  # fmt: skip
-        return summary, diagram
-
-    # ------------------------------------------------------------------ TensorBoard
-
-    @staticmethod
-    def _has_tensorboard(trainer: pl.Trainer) -> bool:
-        from pytorch_lightning.loggers import TensorBoardLogger
-
-        return any(isinstance(logger, TensorBoardLogger) for logger in trainer.loggers)
-
-    @staticmethod
-    def _tensorboard(trainer: pl.Trainer) -> Any:
-        """The experiment (``SummaryWriter``) of the first TensorBoard logger, or None."""
-        from pytorch_lightning.loggers import TensorBoardLogger
-
-        for logger in trainer.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                return logger.experiment
-        return None
-
-    def _log_tensorboard(
-        self,
-        trainer: pl.Trainer,
-        split: str,
-        tables: EvaluationTables,
-        merged: ShardResult,
-        settings: Mapping[str, Any],
-        title: str,
-        calibration: Mapping[str, Any] | None = None,
-        diagram: Any = None,
-    ) -> None:
-        writer = self._tensorboard(trainer)
-        if writer is None:
-            return
-        step = trainer.global_step
-        if self.log_tables:
-            markdown = tables_markdown(tables, title, settings, merged.patients,
-                                       calibration=calibration)  # fmt: skip
-            writer.add_text(f"{split}/stitched_report", markdown, step)
-        if diagram is not None:
-            writer.add_image(f"{split}/reliability", image_tensor(diagram), step)
-        gallery = self._gallery
-        if gallery is None:
-            return
-        from ichseg.utils.overlay import overlay_grid
-
-        for name, items in (("best", gallery.best), ("worst", gallery.worst)):
-            if not items:
-                continue
-            height = max(item.image.shape[0] for item in items)
-            width = max(item.image.shape[1] for item in items)
-
-            def padded(array: np.ndarray, h: int = height, w: int = width) -> torch.Tensor:
-                out = np.zeros((h, w), dtype=array.dtype)
-                out[: array.shape[0], : array.shape[1]] = array
-                return torch.from_numpy(out)[None]
-
-            images = torch.stack([padded(i.image) for i in items]).float() / 255.0
-            truth = torch.stack([padded(i.truth) for i in items])
-            prediction = torch.stack([padded(i.prediction) for i in items])
-            writer.add_image(
-                f"{split}/stitched_{name}_slices (input | truth | prediction)",
-                overlay_grid(images, truth, prediction),
-                step,
-            )
-            caption = ", ".join(
-                f"patient {i.patient} slice {i.slice_number}: Dice {i.dice:.3f}" for i in items
-            )
-            writer.add_text(f"{split}/stitched_{name}_slices", caption, step)
+        log_stitched_report(trainer, split, tables, merged, settings, title, self.log_tables,
+                            self._gallery, calibration, diagram)  # fmt: skip
