@@ -3,7 +3,8 @@
 :func:`find_series` lists the image series under a folder, :func:`read_series` turns one into the
 int16 HU NIfTI image the rest of ichseg works on, :func:`write_seg` writes a predicted mask back as
 a DICOM Segmentation that references the source slices, and :func:`write_series` writes a small CT
-series (for tests and examples).
+series (for tests and examples); the last two live in :mod:`ichseg.io.dicom_write` and are
+re-exported here on first use.
 
 The reader is pydicom with ichseg's own slice ordering, not SimpleITK's ``ImageSeriesReader``:
 pydicom is pure Python and small, it gives exact control over what is refused (each refusal is a
@@ -24,9 +25,8 @@ from __future__ import annotations
 
 import math
 import os
-import random
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +34,6 @@ from typing import Any
 import numpy as np
 
 from ichseg.errors import ConfigError, DatasetError, first_line
-from ichseg.utils.atomic import atomic_path
 
 #: Largest difference between two slices' ImageOrientationPatient (direction cosines).
 IOP_TOLERANCE = 1e-4
@@ -235,8 +234,8 @@ def _fmt(values: np.ndarray) -> str:
     return "[" + ", ".join(f"{float(v):.6g}" for v in values) + "]"
 
 
-def _geometry(series: DicomSeries, pydicom: Any) -> _Geometry:
-    """Read the headers of ``series``, check that they form a regular volume, sort them."""
+def _read_headers(series: DicomSeries, pydicom: Any) -> list[Any]:
+    """The headers of ``series``' files, each checked to be one greyscale frame with geometry."""
     rel = series.relative
     headers = []
     for path in series.files:
@@ -262,8 +261,15 @@ def _geometry(series: DicomSeries, pydicom: Any) -> _Geometry:
             )
         if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
             raise series.problem(f"{rel(path)} is not a greyscale image (SamplesPerPixel != 1)")
+    return headers
 
-    first = headers[0]
+
+def _common_plane(
+    series: DicomSeries, headers: Sequence[Any]
+) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
+    """ImageOrientationPatient, PixelSpacing and (Rows, Columns), checked to be the same in every
+    slice (in ``series.files`` order) and the spacing positive."""
+    rel, first = series.relative, headers[0]
     iop0 = _floats(first.ImageOrientationPatient)
     spacing0 = _floats(first.PixelSpacing)
     size0 = (int(first.Rows), int(first.Columns))
@@ -294,27 +300,43 @@ def _geometry(series: DicomSeries, pydicom: Any) -> _Geometry:
             )
     if min(spacing0) <= 0:
         raise series.problem(f"PixelSpacing {_fmt(spacing0)} is not positive")
-    row_dir, col_dir = iop0[:3], iop0[3:]
+    return iop0, spacing0, size0
+
+
+def _directions(series: DicomSeries, iop: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The row and column directions of ``iop`` (checked orthonormal) and the unit slice normal."""
+    row_dir, col_dir = iop[:3], iop[3:]
     if (
         abs(np.linalg.norm(row_dir) - 1) > 1e-3
         or abs(np.linalg.norm(col_dir) - 1) > 1e-3
         or abs(float(row_dir @ col_dir)) > 1e-3
     ):
         raise series.problem(
-            f"ImageOrientationPatient {_fmt(iop0)} is not two orthogonal unit vectors"
+            f"ImageOrientationPatient {_fmt(iop)} is not two orthogonal unit vectors"
         )
     normal = np.cross(row_dir, col_dir)
     normal /= np.linalg.norm(normal)
+    return row_dir, col_dir, normal
 
+
+def _sort_along(
+    series: DicomSeries, headers: Sequence[Any], normal: np.ndarray
+) -> tuple[list[Any], tuple[Path, ...], np.ndarray, np.ndarray]:
+    """Headers, files, ImagePositionPatient and position along ``normal``, in ascending order
+    along the normal (stable, so ties keep file order)."""
     positions = np.stack([_floats(ds.ImagePositionPatient) for ds in headers])
     if positions.shape[1] != 3:
         raise series.problem("an ImagePositionPatient does not hold 3 values")
     along = positions @ normal
     order = np.argsort(along, kind="stable")
-    positions, along = positions[order], along[order]
-    headers = [headers[i] for i in order]
     files = tuple(series.files[i] for i in order)
+    return [headers[i] for i in order], files, positions[order], along[order]
 
+
+def _check_tilt(
+    series: DicomSeries, positions: np.ndarray, along: np.ndarray, normal: np.ndarray
+) -> None:
+    """Refuse a series whose sorted slice positions do not lie on a line along the normal."""
     offsets = positions - positions[0]
     in_plane = np.linalg.norm(offsets - np.outer(offsets @ normal, normal), axis=1)
     worst = int(np.argmax(in_plane))
@@ -328,47 +350,62 @@ def _geometry(series: DicomSeries, pydicom: Any) -> _Geometry:
             "e.g. with dcm2niix"
         )
 
+
+def _slice_spacing(
+    series: DicomSeries, headers: Sequence[Any], files: Sequence[Path], along: np.ndarray
+) -> float:
+    """The spacing between sorted slices, refusing duplicate positions, gaps and non-uniform
+    steps; a single slice's is its SliceThickness (or SpacingBetweenSlices)."""
+    rel = series.relative
     if len(headers) == 1:
+        first = headers[0]
         thickness = first.get("SliceThickness", None) or first.get("SpacingBetweenSlices", None)
         if thickness in (None, "") or float(thickness) <= 0:
             raise series.problem(
                 "a single slice without a positive SliceThickness has no slice spacing"
             )
-        slice_spacing = float(thickness)
-    else:
-        steps = np.diff(along)
-        dup = int(np.argmin(steps))
-        if steps[dup] < DUPLICATE_TOLERANCE_MM:
-            raise series.problem(
-                f"{rel(files[dup])} and {rel(files[dup + 1])} share the slice position "
-                f"{along[dup]:.2f} mm along the normal (duplicate slices)"
-            )
-        median = float(np.median(steps))
-        gap = int(np.argmax(steps))
-        if steps[gap] > GAP_FACTOR * median:
-            raise series.problem(
-                f"slices are missing: a gap of {steps[gap]:.2f} mm between the slice positions "
-                f"{along[gap]:.2f} and {along[gap + 1]:.2f} mm along the normal, where the "
-                f"spacing is {median:.2f} mm"
-            )
-        if float(np.abs(steps - median).max()) > max(0.02, 0.01 * median):
-            raise series.problem(
-                f"the slice spacing is not uniform ({steps.min():.3f} to {steps.max():.3f} mm), "
-                "which ichseg does not resample; resample the series first, e.g. with dcm2niix"
-            )
-        slice_spacing = float(along[-1] - along[0]) / (len(headers) - 1)
+        return float(thickness)
+    steps = np.diff(along)
+    dup = int(np.argmin(steps))
+    if steps[dup] < DUPLICATE_TOLERANCE_MM:
+        raise series.problem(
+            f"{rel(files[dup])} and {rel(files[dup + 1])} share the slice position "
+            f"{along[dup]:.2f} mm along the normal (duplicate slices)"
+        )
+    median = float(np.median(steps))
+    gap = int(np.argmax(steps))
+    if steps[gap] > GAP_FACTOR * median:
+        raise series.problem(
+            f"slices are missing: a gap of {steps[gap]:.2f} mm between the slice positions "
+            f"{along[gap]:.2f} and {along[gap + 1]:.2f} mm along the normal, where the "
+            f"spacing is {median:.2f} mm"
+        )
+    if float(np.abs(steps - median).max()) > max(0.02, 0.01 * median):
+        raise series.problem(
+            f"the slice spacing is not uniform ({steps.min():.3f} to {steps.max():.3f} mm), "
+            "which ichseg does not resample; resample the series first, e.g. with dcm2niix"
+        )
+    return float(along[-1] - along[0]) / (len(headers) - 1)
 
+
+def _geometry(series: DicomSeries, pydicom: Any) -> _Geometry:
+    """Read the headers of ``series``, check that they form a regular volume, sort them."""
+    headers = _read_headers(series, pydicom)
+    iop, spacing, size = _common_plane(series, headers)
+    row_dir, col_dir, normal = _directions(series, iop)
+    headers, files, positions, along = _sort_along(series, headers, normal)
+    _check_tilt(series, positions, along, normal)
     return _Geometry(
         headers=tuple(headers),
         files=files,
         row_dir=row_dir,
         col_dir=col_dir,
         normal=normal,
-        pixel_spacing=(float(spacing0[0]), float(spacing0[1])),
-        slice_spacing=slice_spacing,
+        pixel_spacing=(float(spacing[0]), float(spacing[1])),
+        slice_spacing=_slice_spacing(series, headers, files, along),
         origin=positions[0],
-        rows=size0[0],
-        columns=size0[1],
+        rows=size[0],
+        columns=size[1],
     )
 
 
@@ -440,230 +477,11 @@ def read_series(series: DicomSeries) -> Any:
     return image
 
 
-def _content_label(description: str) -> str:
-    """``description`` as a DICOM CS value (upper case, digits, space, underscore; 16 chars)."""
-    label = re.sub(r"[^A-Z0-9 _]", "_", description.upper())[:16].strip()
-    return label or "ICH"
+def __getattr__(name: str) -> Any:
+    """``write_seg`` and ``write_series``, from :mod:`ichseg.io.dicom_write` (imported lazily, as
+    it imports this module)."""
+    if name in ("write_seg", "write_series"):
+        from ichseg.io import dicom_write
 
-
-def _seg_codes(hd: Any) -> tuple[Any, Any, Any]:
-    """The SEG's coded concepts: segmented property category and type (SNOMED CT), and the
-    algorithm family (DICOM)."""
-    try:
-        from pydicom.sr.codedict import codes
-
-        return (
-            codes.SCT.MorphologicallyAbnormalStructure,
-            codes.SCT.Hemorrhage,
-            codes.DCM.ArtificialIntelligence,
-        )
-    except (ImportError, AttributeError):
-        return (
-            hd.sr.CodedConcept("49755003", "SCT", "Morphologically Abnormal Structure"),
-            hd.sr.CodedConcept("50960005", "SCT", "Hemorrhage"),
-            hd.sr.CodedConcept("123110", "DCM", "Artificial Intelligence"),
-        )
-
-
-def write_seg(
-    mask: np.ndarray, series: DicomSeries, target: str | os.PathLike[str], description: str = "ICH"
-) -> None:
-    """Write ``mask`` as a binary DICOM SEG of ``series`` to ``target``, atomically.
-
-    ``mask`` is a bool or 0/1 array in :func:`read_series`' layout (column, row, slice in
-    ascending order along the normal). The SEG has one segment, "Intracranial hemorrhage"
-    (SNOMED CT morphologically abnormal structure / hemorrhage, algorithm type AUTOMATIC, ichseg
-    and its version), one frame per source slice (empty frames kept, so an all-zero mask writes
-    too), and references every source slice. ``description`` becomes its SeriesDescription and
-    content label. Raises ValueError for a mask of the wrong shape or values, and the errors of
-    :func:`read_series` for a series it could not read.
-    """
-    pydicom = _require("pydicom", "writing DICOM SEG")
-    hd = _require("highdicom", "writing DICOM SEG")
-    import ichseg
-
-    geo = _geometry(series, pydicom)
-    mask = np.asarray(mask)
-    expected = (geo.columns, geo.rows, len(geo.files))
-    if mask.shape != expected:
-        raise ValueError(
-            f"{series.description}: mask shape {mask.shape} does not match the series "
-            f"(columns, rows, slices) {expected}"
-        )
-    if mask.dtype != bool:
-        if not np.isin(mask, (0, 1)).all():
-            raise ValueError(f"{series.description}: a SEG mask must hold only 0 and 1")
-        mask = mask.astype(bool)
-    frames = np.ascontiguousarray(mask.transpose(2, 1, 0)).astype(np.uint8)
-
-    category, kind, family = _seg_codes(hd)
-    algorithm = hd.AlgorithmIdentificationSequence(
-        name="ichseg", family=family, version=ichseg.__version__
-    )
-    segment = hd.seg.SegmentDescription(
-        segment_number=1,
-        segment_label="Intracranial hemorrhage",
-        segmented_property_category=category,
-        segmented_property_type=kind,
-        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-        algorithm_identification=algorithm,
-    )
-    sources = [pydicom.dcmread(path) for path in geo.files]
-    source_number = sources[0].get("SeriesNumber", None)
-    series_number = 1000 + (int(source_number) if source_number not in (None, "") else 0)
-    seg = hd.seg.Segmentation(
-        source_images=sources,
-        pixel_array=frames,
-        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=[segment],
-        series_instance_uid=hd.UID(),
-        series_number=max(1, series_number),
-        sop_instance_uid=hd.UID(),
-        instance_number=1,
-        manufacturer="ichseg",
-        manufacturer_model_name="ichseg",
-        software_versions=ichseg.__version__,
-        device_serial_number="0",
-        content_label=_content_label(description),
-        content_description=description[:64] or None,
-        series_description=description[:64] or None,
-        omit_empty_frames=False,
-    )
-    with atomic_path(target) as tmp:
-        seg.save_as(tmp)
-
-
-def _save(pydicom: Any, ds: Any, path: Path) -> None:
-    """Save ``ds`` as a Part 10 file (preamble, file meta) with pydicom 2.4 or 3."""
-    if int(pydicom.__version__.split(".")[0]) >= 3:
-        pydicom.dcmwrite(path, ds, enforce_file_format=True)
-    else:
-        ds.is_little_endian, ds.is_implicit_VR = True, False
-        pydicom.dcmwrite(path, ds, write_like_original=False)
-
-
-def _ds(value: float) -> str:
-    """A number as a DICOM DS string (at most 16 characters)."""
-    from pydicom.valuerep import format_number_as_ds
-
-    return format_number_as_ds(float(value))
-
-
-def write_series(
-    hu: np.ndarray,
-    folder: str | os.PathLike[str],
-    *,
-    spacing: Sequence[float] = (0.5, 0.5, 5.0),
-    iop: Sequence[float] = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0),
-    origin: Sequence[float] = (0.0, 0.0, 0.0),
-    positions: Sequence[Sequence[float]] | None = None,
-    patient_id: str = "TEST",
-    series_number: int = 1,
-    series_description: str = "HEAD CT",
-    slope: float = 1.0,
-    intercept: float = -1024.0,
-    shuffle: bool = True,
-    seed: int = 0,
-    study_uid: str | None = None,
-    series_uid: str | None = None,
-    overrides: Mapping[int, Mapping[str, Any]] | None = None,
-) -> list[Path]:
-    """Write ``hu`` as an uncompressed CT Image Storage series in ``folder`` (for tests and
-    examples); returns the files in slice order (k = 0 first).
-
-    ``hu`` is in :func:`read_series`' layout: ``hu[i, j, k]``, i the column, j the row, k the
-    slice. ``spacing`` is (along a row, between rows, between slices) in mm, so PixelSpacing is
-    ``[spacing[1], spacing[0]]``. ``iop`` is ImageOrientationPatient (row then column direction,
-    LPS); slice k lies at ``origin + k * spacing[2] * normal`` (LPS mm) unless ``positions`` gives
-    every slice's ImagePositionPatient. Stored values are ``(hu - intercept) / slope``, rounded,
-    as uint16 when none is negative, else int16. With ``shuffle``, files are written in a random
-    order under random names and InstanceNumber is scrambled (the reader must sort by position).
-    ``overrides`` sets attributes of single slices ({k: {keyword: value}}), to build broken series.
-    UIDs are derived from ``seed``, ``patient_id`` and ``series_number`` unless given.
-    """
-    pydicom = _require("pydicom", "writing DICOM")
-    from pydicom.dataset import FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    hu = np.asarray(hu)
-    if hu.ndim != 3:
-        raise ValueError(f"expected a 3D (column, row, slice) volume, got shape {hu.shape}")
-    n_cols, n_rows, n_slices = hu.shape
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    iop_arr = np.asarray(iop, dtype=np.float64)
-    normal = np.cross(iop_arr[:3], iop_arr[3:])
-    if positions is None:
-        positions = [np.asarray(origin, float) + k * spacing[2] * normal for k in range(n_slices)]
-    if len(positions) != n_slices:
-        raise ValueError(f"{len(positions)} positions for {n_slices} slices")
-    stored = np.rint((hu.astype(np.float64) - intercept) / slope)
-    dtype = np.uint16 if stored.min() >= 0 else np.int16
-    info = np.iinfo(dtype)
-    if stored.min() < info.min or stored.max() > info.max:
-        raise ValueError("HU values do not fit 16 bits with this slope and intercept")
-    stored = stored.astype(dtype)
-
-    key = [str(seed), patient_id, str(series_number)]
-    study_uid = study_uid or generate_uid(entropy_srcs=[*key, "study"])
-    series_uid = series_uid or generate_uid(entropy_srcs=[*key, "series"])
-    frame_uid = generate_uid(entropy_srcs=[*key, "frame"])
-    rng = random.Random(seed)
-    order = list(range(n_slices))
-    numbers = list(range(1, n_slices + 1))
-    if shuffle:
-        rng.shuffle(order)
-        rng.shuffle(numbers)
-    paths: list[Path | None] = [None] * n_slices
-    for k in order:
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = CT_IMAGE_STORAGE
-        meta.MediaStorageSOPInstanceUID = generate_uid(entropy_srcs=[*key, "sop", str(k)])
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = pydicom.Dataset()
-        ds.file_meta = meta
-        ds.SOPClassUID = CT_IMAGE_STORAGE
-        ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-        ds.PatientID = patient_id
-        ds.PatientName = f"Test^{patient_id}"
-        ds.PatientBirthDate = "19700101"
-        ds.PatientSex = "O"
-        ds.StudyInstanceUID = study_uid
-        ds.StudyID = "1"
-        ds.StudyDate = "20240101"
-        ds.StudyTime = "120000"
-        ds.AccessionNumber = ""
-        ds.ReferringPhysicianName = ""
-        ds.SeriesInstanceUID = series_uid
-        ds.SeriesNumber = series_number
-        ds.SeriesDescription = series_description
-        ds.Modality = "CT"
-        ds.Manufacturer = "ichseg"
-        ds.FrameOfReferenceUID = frame_uid
-        ds.PositionReferenceIndicator = ""
-        ds.InstanceNumber = numbers[k]
-        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-        ds.ImagePositionPatient = [_ds(v) for v in positions[k]]
-        ds.ImageOrientationPatient = [_ds(v) for v in iop_arr]
-        ds.PixelSpacing = [_ds(spacing[1]), _ds(spacing[0])]
-        ds.SliceThickness = _ds(spacing[2])
-        ds.KVP = "120"
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.Rows = n_rows
-        ds.Columns = n_cols
-        ds.BitsAllocated = 16
-        ds.BitsStored = 16
-        ds.HighBit = 15
-        ds.PixelRepresentation = 1 if dtype == np.int16 else 0
-        ds.RescaleSlope = _ds(slope)
-        ds.RescaleIntercept = _ds(intercept)
-        ds.RescaleType = "HU"
-        ds.PixelData = np.ascontiguousarray(stored[:, :, k].T).tobytes()
-        for keyword, value in (overrides or {}).get(k, {}).items():
-            setattr(ds, keyword, value)
-        name = f"{rng.getrandbits(48):012x}" if shuffle else f"slice{k:04d}.dcm"
-        path = folder / name
-        _save(pydicom, ds, path)
-        paths[k] = path
-    return [p for p in paths if p is not None]
+        return getattr(dicom_write, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
