@@ -24,6 +24,9 @@ from ichseg.utils.atomic import atomic_write_text
 #: The provenance of a prediction run (:func:`write_provenance`).
 PROVENANCE_FILE = "predict.json"
 PROVENANCE_FORMAT = "ichseg-predict"
+#: How deep below ``ckpt=<folder>`` run folders are looked for: the run folder itself, the runs of
+#: a multirun folder, and those of a folder of multiruns.
+RUN_DEPTHS: tuple[int, ...] = (0, 1, 2)
 #: The checkpoint of a training run folder that ``ckpt=<folder>`` takes: its tested (best) one.
 BEST_PATTERN = "best*.ckpt"
 
@@ -67,7 +70,12 @@ def _run_checkpoints(folder: Path) -> list[Path]:
         return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(path))]
 
     runs = sorted(
-        {p.parent.parent for p in folder.rglob(f"checkpoints/{BEST_PATTERN}")}, key=natural
+        {
+            p.parent.parent
+            for depth in RUN_DEPTHS
+            for p in folder.glob(f"{'*/' * depth}checkpoints/{BEST_PATTERN}")
+        },
+        key=natural,
     )
     if not runs:
         raise ConfigError(
