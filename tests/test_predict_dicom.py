@@ -152,3 +152,43 @@ def test_the_qa_report_lists_every_scan_with_its_sheet(phantom, checkpoint, tmp_
     bare = tmp_path / "bare"
     assert main([f"ckpt={checkpoint}", f"input={phantom.root}", f"output={bare}", "qa=false"]) == 0
     assert "qa" not in files_in(bare)
+
+
+def test_a_users_dcm_named_like_a_seg_is_not_replaced(phantom, checkpoint, tmp_path, capsys):
+    source = tmp_path / "dicom"
+    as_series(scan_paths(phantom)[0], source / "a", "P1", 3)
+    output = tmp_path / "out"
+    output.mkdir()
+    mine = output / "P1_3_ich_seg.dcm"
+    mine.write_bytes(b"my own file")
+    args = [f"ckpt={checkpoint}", f"input={source}", f"output={output}", "dicom_seg=true"]
+    with pytest.raises(SystemExit) as info:
+        main([*args, "progress=false"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"{mine}: exists and was not written by ichseg.predict" in err
+    assert mine.read_bytes() == b"my own file"
+    assert not (output / "P1_3_ich_seg.nii.gz").exists()
+
+
+def test_dicom_input_without_the_extra_is_one_line(phantom, checkpoint, tmp_path, capsys):
+    import importlib
+
+    source = tmp_path / "dicom"
+    as_series(scan_paths(phantom)[0], source / "a", "P1", 3)
+    real = importlib.import_module
+
+    def no_pydicom(name, *args, **kwargs):
+        if name.split(".")[0] in ("pydicom", "highdicom"):
+            raise ImportError(name)
+        return real(name, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(importlib, "import_module", no_pydicom)
+        with pytest.raises(SystemExit) as info:
+            main([f"ckpt={checkpoint}", f"input={source}", f"output={tmp_path / 'out'}"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "pip install 'ichseg[dicom]'" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
